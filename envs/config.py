@@ -1,0 +1,197 @@
+"""Typed, validated configuration of the environment side: data, sampler, LM, optimiser, env, probe.
+
+These pydantic v2 models are frozen and forbid unknown keys, so a typo in a YAML file is an error that
+names the dotted field instead of a silently ignored setting. Every dimension of the system derives
+from ``DataConfig.domains`` (K = ``len(domains)``); nothing assumes a fixed domain count.
+
+The experiment-level model that composes these (``ExperimentConfig``) lives in ``ray_jobs.config``;
+the agent's model lives in ``agents.config`` so that ``agents`` never imports ``envs``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-()]*$")
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: frozen, unknown keys forbidden, defaults validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SourceConfig(StrictModel):
+    """Where one domain's raw text comes from.
+
+    ``kind: files`` reads local files (``paths`` are paths or globs; the format is taken from the
+    extension unless ``format`` says otherwise). ``kind: hf`` reads a Hugging Face dataset with
+    ``datasets.load_dataset(hf_path, hf_name, split=hf_split, data_files=..., streaming=...)``,
+    optionally keeping only rows whose ``filter_column`` (dotted for struct columns, e.g.
+    ``meta.pile_set_name``) equals ``filter_value``.
+    """
+
+    kind: Literal["files", "hf"] = "files"
+    paths: list[str] = Field(default_factory=list, description="Files or globs (kind: files).")
+    format: Literal["auto", "jsonl", "jsonl.zst", "parquet", "txt"] = "auto"
+    text_field: str = Field("text", min_length=1, description="Field holding the document text.")
+    hf_path: str | None = Field(None, description="Dataset name or builder (e.g. 'parquet', 'json').")
+    hf_name: str | None = None
+    hf_split: str = "train"
+    hf_data_files: list[str] = Field(default_factory=list)
+    streaming: bool = True
+    filter_column: str | None = None
+    filter_value: str | None = None
+    max_documents: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> SourceConfig:
+        if self.kind == "files" and not self.paths:
+            raise ValueError("kind 'files' needs at least one entry in 'paths'")
+        if self.kind == "hf" and not self.hf_path:
+            raise ValueError("kind 'hf' needs 'hf_path' (a dataset name or a builder such as 'parquet')")
+        if (self.filter_column is None) != (self.filter_value is None):
+            raise ValueError("'filter_column' and 'filter_value' must be given together")
+        return self
+
+
+class DomainConfig(StrictModel):
+    """One data domain: its name (from config, never parsed from a path), source and evaluation role."""
+
+    name: str = Field(..., description="Domain name; letters, digits and _ . - ( ).")
+    source: SourceConfig
+    target: bool = Field(True, description="Counted in val/mean_ppl (false for e.g. a junk domain).")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(f"domain name {value!r} must match {_NAME_RE.pattern}")
+        return value
+
+
+class TokenizerConfig(StrictModel):
+    """A given ``tokenizer.json``, or a byte-level BPE trained (seeded) on the target domains."""
+
+    path: str | None = Field(None, description="Existing tokenizer.json; null trains a byte-level BPE.")
+    vocab_size: int = Field(8192, ge=256, le=1_000_000)
+    train_max_bytes_per_domain: int = Field(4_000_000, gt=0)
+    eos_token: str = "<|endoftext|>"
+
+
+class DataConfig(StrictModel):
+    """The corpus: domains, tokenizer, and where prepared shards live."""
+
+    domains: list[DomainConfig] = Field(..., min_length=2)
+    prepared_dir: str = Field("data/prepared", description="Output of `acodm data prepare`.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="Documents held out per domain.")
+    val_max_tokens: int = Field(200_000, gt=0, description="Cap on held-out tokens per domain.")
+    num_proc: int = Field(0, ge=0, description="Tokenizer processes; 0 = all cores.")
+    shard_tokens: int = Field(8_000_000, gt=0, description="Tokens per shard file.")
+
+    @model_validator(mode="after")
+    def _check_domains(self) -> DataConfig:
+        names = [d.name for d in self.domains]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"domain names must be unique; repeated: {dupes}")
+        if not any(d.target for d in self.domains):
+            raise ValueError("at least one domain must have target: true")
+        return self
+
+    @property
+    def domain_names(self) -> list[str]:
+        """Domain names in config order; index i is domain i everywhere (weights, counts, heads)."""
+        return [d.name for d in self.domains]
+
+    @property
+    def num_domains(self) -> int:
+        """K, the number of domains."""
+        return len(self.domains)
+
+
+class LMConfig(StrictModel):
+    """The language model: a GPT-NeoX (Pythia) preset, optionally overridden."""
+
+    preset: Literal["tiny", "small", "pythia-14m", "pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b"] = (
+        "tiny"
+    )
+    seq_len: int = Field(128, gt=0, description="Training sequence length (tokens per sample).")
+    num_layers: int | None = Field(None, gt=0, description="Override the preset's depth.")
+    hidden_size: int | None = Field(None, gt=0, description="Override the preset's width.")
+    num_heads: int | None = Field(None, gt=0)
+    compile: bool = Field(False, description="torch.compile the model.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
+    num_threads: int = Field(0, ge=0, description="torch CPU threads per process; 0 leaves torch's default.")
+
+
+class OptimConfig(StrictModel):
+    """AdamW with linear warmup then cosine decay (Pythia defaults)."""
+
+    lr: float = Field(6e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of lr.")
+    warmup_fraction: float = Field(0.01, ge=0, lt=1)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping.")
+    max_nonfinite_steps: int = Field(5, gt=0, description="Consecutive non-finite losses before the run stops.")
+
+
+class SamplerConfig(StrictModel):
+    """How one optimiser step's global batch is split into domain-pure micro-batches."""
+
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per micro-batch (per rank).")
+    grad_accum: int = Field(4, gt=0, description="Micro-batches per rank per optimiser step.")
+    min_per_domain: int = Field(0, ge=0, description="Micro-batches forced per domain each step (reference: 1).")
+    weight_floor: float = Field(0.0, ge=0, lt=1, description="Probability floor applied before quotas.")
+
+
+class TrainConfig(StrictModel):
+    """Budget and cadence of one pretraining run."""
+
+    total_steps: int = Field(200, gt=0, description="Optimiser steps in the run (the training budget).")
+    log_interval: int = Field(10, gt=0)
+
+
+class EvalConfig(StrictModel):
+    """Per-domain validation on the held-out split."""
+
+    interval: int = Field(50, gt=0, description="Evaluate every N optimiser steps (and at the end).")
+    max_batches: int = Field(8, gt=0, description="Validation batches per domain.")
+    batch_size: int = Field(16, gt=0)
+
+
+class CheckpointConfig(StrictModel):
+    """Exact-resume checkpoints."""
+
+    interval: int = Field(50, gt=0, description="Checkpoint every N optimiser steps.")
+    keep_last: int = Field(2, gt=0)
+
+
+class ProbeConfig(StrictModel):
+    """Which parameters feed the gradient-alignment reward and the weight-norm features."""
+
+    mode: Literal["exact", "sketch"] = "exact"
+    sketch_dim: int = Field(4096, gt=0, description="k of the K x k sketch.")
+    param_patterns: list[str] = Field(
+        default_factory=list,
+        description="Regexes of parameter names; empty = dense_4h_to_h.weight of the last 3 even-offset blocks.",
+    )
+    num_reward_blocks: int = Field(3, gt=0)
+    num_monitored_layers: int = Field(9, gt=0, description="Evenly spaced blocks whose weight norms are observed.")
+
+
+class EnvConfig(StrictModel):
+    """The Gymnasium environment's semantics."""
+
+    steps_per_action: int = Field(1, gt=0, description="Optimiser steps per env.step.")
+    reward_mode: Literal["mixture", "reference"] = "mixture"
+    observation_mode: Literal["default", "reference"] = "default"
+    clamp: float = Field(3.0, gt=0, description="z-score clamp for features and scores.")
+    action_floor: float = Field(0.0, ge=0, lt=1, description="Minimum weight per domain after projection.")
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)

@@ -1,0 +1,161 @@
+"""The ``acodm`` command line: data, train, tune, proxy, report, export.
+
+Each subcommand validates its config first (so a bad field fails before any work starts) and then
+hands over to the module that owns the work; imports are lazy so ``acodm --help`` stays fast.
+User errors (bad config, missing files, unreachable cluster) print one clear message and exit 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ray_jobs.config import ConfigError, ExperimentConfig, load_config
+
+log = logging.getLogger("acodm")
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    NotADirectoryError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="experiment YAML (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted config field, e.g. --set agent.gamma=0.9 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every subcommand, with help for each."""
+    parser = argparse.ArgumentParser(
+        prog="acodm",
+        description="Actor-Critic Online Data Mixing for LLM pretraining on Ray Train, Ray Tune and MLflow.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="build the demo corpus or prepare token shards")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    demo = data_sub.add_parser("demo", help="assemble the offline demo corpus (jsonl per domain) into OUT_DIR")
+    demo.add_argument("out_dir", type=Path)
+    prep = data_sub.add_parser("prepare", help="tokenize the config's domains into shards + manifest.json")
+    _add_config_args(prep)
+    prep.add_argument("--ray", action="store_true", help="tokenize with Ray Data (uses ray.address)")
+
+    train = sub.add_parser("train", help="run one pretraining run with the configured mixer")
+    _add_config_args(train)
+    train.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="resume this run directory")
+
+    tune = sub.add_parser("tune", help="Ray Tune sweep over the config's tune.param_space")
+    _add_config_args(tune)
+    tune.add_argument("--resume", type=Path, default=None, metavar="EXP_DIR", help="continue this sweep")
+
+    proxy = sub.add_parser("proxy", help="train the agent on a small LM, then steer the target LM with it frozen")
+    _add_config_args(proxy)
+
+    report = sub.add_parser("report", help="compare runs: report.md, report.html and PNG plots")
+    report.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", type=Path, required=True, help="output directory")
+    report.add_argument("--target", type=float, default=None, help="val/mean_ppl target (default: uniform's best)")
+
+    export = sub.add_parser("export", help="export a run's model and tokenizer in Hugging Face format")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--hf", type=Path, required=True, metavar="OUT_DIR")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> ExperimentConfig:
+    return load_config(args.config, args.overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch a parsed command line; returns the exit code."""
+    if args.command == "data" and args.data_command == "demo":
+        from envs.corpus import build_demo_corpus
+
+        build_demo_corpus(args.out_dir)
+        return 0
+    if args.command == "data" and args.data_command == "prepare":
+        cfg = _load(args)
+        if args.ray or cfg.ray.address:
+            from ray_jobs.data import prepare_with_ray
+
+            prepare_with_ray(cfg)
+        else:
+            from envs.prepare import prepare_corpus
+
+            prepare_corpus(cfg.data, seq_len=cfg.lm.seq_len, seed=cfg.seed)
+        return 0
+    if args.command == "train":
+        cfg = _load(args)
+        if cfg.ray.enabled:
+            from ray_jobs.train import run_train
+
+            run_train(cfg, resume=args.resume)
+        else:
+            from ray_jobs.driver import run_local
+
+            run_local(cfg, resume=args.resume)
+        return 0
+    if args.command == "tune":
+        from ray_jobs.tune import run_tune
+
+        run_tune(_load(args), resume=args.resume)
+        return 0
+    if args.command == "proxy":
+        from ray_jobs.proxy import run_proxy
+
+        run_proxy(_load(args))
+        return 0
+    if args.command == "report":
+        from analysis.report import build_report
+
+        build_report(args.run_dirs, args.out, target=args.target)
+        return 0
+    if args.command == "export":
+        from envs.export import export_hf
+
+        export_hf(args.run_dir, args.hf)
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")  # argparse guarantees a known command
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``acodm`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return run(args)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"acodm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("acodm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
