@@ -1,0 +1,444 @@
+"""The run loop: env + mixer + ledger + validation + checkpoints + metrics, shared by every mode.
+
+``RunLoop`` is one pretraining run seen from one process. In-process (``ray.enabled=false``, the
+debugging path) it is the whole run; inside a Ray Train worker every rank runs it collectively (SPMD):
+rank 0 asks the mixer (local, or the agent Ray actor through ``RemoteMixer``) for the weights and
+broadcasts them, all ranks step the env together, rank 0 observes, records and checkpoints.
+
+Checkpoints (layout in ``docs/internals.md``) are written to ``step_<N>.tmp`` and renamed, and hold
+everything needed to continue bit-identically on CPU: the pretrainer (model, optimizer, schedule,
+sampler, RNG), the env and probe state, the agent's full state, the ledger position and the last
+observation. A resumed run truncates the ledger to the checkpoint, so every step appears exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ray_jobs.config import ExperimentConfig, save_config
+from ray_jobs.ledger import LEDGER_FILE, Ledger, signals_row
+
+log = logging.getLogger(__name__)
+
+CKPT_DIR = "checkpoints"
+CKPT_VERSION = 1
+RESUME_MAY_DIFFER = ("ray.", "tracking.", "checkpoint.keep_last", "train.log_interval")
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit() and (p / "loop.json").exists():
+            found.append(p)
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def write_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    pretrainer_state: dict[str, Any],
+    env_state: dict[str, Any],
+    agent_state: dict[str, Any] | None,
+    loop_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write one checkpoint atomically and prune old ones; returns its directory."""
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    torch.save(pretrainer_state, tmp / "pretrainer.pt")
+    torch.save(env_state, tmp / "env.pt")
+    if agent_state is not None:
+        torch.save(agent_state, tmp / "agent.pt")
+    (tmp / "loop.json").write_text(json.dumps({**loop_state, "version": CKPT_VERSION}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint directory into ``{"pretrainer", "env", "agent", "loop"}`` with clear errors."""
+    path = Path(path)
+    loop_file = path / "loop.json"
+    if not loop_file.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete or missing (no loop.json)")
+    try:
+        loop = json.loads(loop_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"checkpoint {str(loop_file)!r} is corrupt: {exc}") from None
+    out: dict[str, Any] = {"loop": loop, "agent": None}
+    for key in ("pretrainer", "env", "agent"):
+        f = path / f"{key}.pt"
+        if not f.exists():
+            if key == "agent":
+                continue
+            raise FileNotFoundError(f"checkpoint {str(path)!r} lacks {f.name}")
+        try:
+            out[key] = torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as exc:  # torch raises several types for truncated/corrupt files
+            raise ValueError(f"checkpoint file {str(f)!r} is corrupt or unreadable: {exc}") from None
+    return out
+
+
+# --------------------------------------------------------------------------------------------- run directory
+def prepare_run_dir(cfg: ExperimentConfig, resume: Path | None) -> tuple[Path, Path | None]:
+    """Create or validate the run directory; returns it and the checkpoint to resume from (or None).
+
+    A run directory that already holds a checkpoint is resumed automatically. Its saved config must
+    match ``cfg`` except for execution settings (``ray.*``, ``tracking.*``, ...), so a resumed run
+    cannot silently change what it trains.
+    """
+    run_dir = Path(resume) if resume is not None else cfg.run_dir
+    if resume is not None and not run_dir.is_dir():
+        raise FileNotFoundError(f"--resume {str(run_dir)!r}: no such run directory")
+    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if resume is not None and ckpt is None:
+        raise FileNotFoundError(f"--resume {str(run_dir)!r}: the run directory holds no complete checkpoint")
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        from ray_jobs.config import flatten, load_config
+
+        old = flatten(load_config(saved))
+        new = flatten(cfg)
+        differ = sorted(
+            k for k in set(old) | set(new)
+            if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_DIFFER) and k not in ("name", "output_dir")
+        )
+        if differ:
+            raise ValueError(
+                f"run directory {str(run_dir)!r} was started with a different config; differing fields: "
+                f"{differ}. Use a new name (--set name=...) or the same config."
+            )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    except OSError as exc:
+        raise PermissionError(f"cannot write the run directory {str(run_dir)!r}: {exc}") from None
+    return run_dir, ckpt
+
+
+# --------------------------------------------------------------------------------------------- the loop
+@dataclass
+class LoopHooks:
+    """Optional callbacks the Ray layer plugs in (reporting to Ray Train, agent recovery)."""
+
+    on_checkpoint: Callable[[Path, dict[str, float]], None] | None = None
+    on_eval: Callable[[int, dict[str, float]], None] | None = None
+
+
+class RunLoop:
+    """One run of ``env`` steered by ``mixer``; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        env: Any,
+        mixer: Any | None,
+        run_dir: Path,
+        *,
+        sink: Any | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        hooks: LoopHooks | None = None,
+    ) -> None:
+        """Wire a run; ``mixer`` and ``sink`` are only needed on rank 0."""
+        if rank == 0 and mixer is None:
+            raise ValueError("rank 0 needs a mixer")
+        self.cfg = cfg
+        self.env = env
+        self.mixer = mixer
+        self.run_dir = Path(run_dir)
+        self.sink = sink
+        self.rank = rank
+        self.world_size = world_size
+        self.hooks = hooks or LoopHooks()
+        self.domain_names = list(cfg.data.domain_names)
+        self.ledger = Ledger(self.run_dir / LEDGER_FILE)
+        self.step = 0
+        self.tokens_total = 0
+        self.wall_offset = 0.0
+        self.obs: np.ndarray | None = None
+        self._prev_tokens = 0
+
+    @property
+    def backend(self) -> Any:
+        """The env's trainer backend (``LMBackend`` or ``SimulatedBackend``)."""
+        return self.env.unwrapped.backend
+
+    # ---------------------------------------------------------------- state
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Continue from a loaded checkpoint (all ranks call this with the same data)."""
+        loop = ckpt["loop"]
+        self.env.reset(seed=self.cfg.seed)
+        if hasattr(self.backend, "pretrainer"):
+            self.backend.pretrainer.load_state_dict(ckpt["pretrainer"])
+        self.env.unwrapped.load_state_dict(ckpt["env"])
+        if self.rank == 0:
+            if ckpt["agent"] is not None:
+                self.mixer.load_state_dict(ckpt["agent"])
+            self.ledger = Ledger.load(self.run_dir / LEDGER_FILE)
+            self.ledger.truncate(int(loop["ledger_rows"]))
+        self.step = int(loop["step"])
+        self.tokens_total = int(loop["tokens"])
+        self.wall_offset = float(loop["wall_time"])
+        self.obs = np.asarray(loop["obs"], dtype=np.float32)
+        log.info("resumed at step %d from checkpoint", self.step)
+
+    def checkpoint(self, wall_time: float) -> Path | None:
+        """Rank 0 writes a checkpoint of everything; other ranks return None."""
+        if self.rank != 0:
+            return None
+        self.ledger.flush()
+        agent_state = self.mixer.state_dict() if self.mixer is not None else None
+        path = write_checkpoint(
+            self.run_dir,
+            self.step,
+            pretrainer_state=(
+                self.backend.pretrainer.state_dict() if hasattr(self.backend, "pretrainer") else {}
+            ),
+            env_state=self.env.unwrapped.state_dict(),
+            agent_state=agent_state,
+            loop_state={
+                "step": self.step,
+                "tokens": self.tokens_total,
+                "wall_time": wall_time,
+                "ledger_rows": len(self.ledger),
+                "obs": np.asarray(self.obs, dtype=float).tolist(),
+            },
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+        log.info("checkpoint step %d -> %s", self.step, path)
+        return path
+
+    # ---------------------------------------------------------------- helpers
+    def _broadcast_weights(self, weights_K: np.ndarray | None) -> np.ndarray:
+        """Rank 0's weights on every rank (one small broadcast per decision)."""
+        if self.world_size == 1:
+            assert weights_K is not None
+            return weights_K
+        import torch.distributed as dist
+
+        buf = torch.zeros(len(self.domain_names), dtype=torch.float64)
+        if self.rank == 0:
+            buf.copy_(torch.as_tensor(weights_K, dtype=torch.float64))
+        dist.broadcast(buf, src=0)
+        return buf.numpy()
+
+    def _metrics(self, row: dict[str, Any], agent_metrics: dict[str, float]) -> dict[str, float]:
+        """Namespaced metrics for the sink, from a ledger row."""
+        out: dict[str, float] = {"lm/loss": row["loss"], "lm/lr": row["lr"], "env/reward": row["reward"]}
+        for name in self.domain_names:
+            out[f"lm/loss/{name}"] = row[f"loss/{name}"]
+            out[f"mix/weight/{name}"] = row[f"weight/{name}"]
+            if f"score/{name}" in row:
+                out[f"env/score/{name}"] = row[f"score/{name}"]
+        for key, value in row.items():
+            if key.startswith("val/"):
+                out[key] = value
+        out.update(agent_metrics)
+        step_s = row.get("time/step_s", float("nan"))
+        out["perf/step_s"] = step_s
+        out["perf/tokens_per_s"] = (row["tokens"] - self._prev_tokens) / max(step_s, 1e-9) if step_s else 0.0
+        return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        """Train until the budget; returns the final evaluation and the run directory."""
+        cfg = self.cfg
+        total = cfg.train.total_steps
+        if self.obs is None:
+            self.obs, _ = self.env.reset(seed=cfg.seed)
+        start = time.perf_counter() - self.wall_offset
+        bar = _progress(total, self.step) if self.rank == 0 else None
+        last_eval: dict[str, float] = {}
+        while self.step < total:
+            t0 = time.perf_counter()
+            weights_K = self.mixer.act(self.obs, explore=True) if self.rank == 0 else None
+            t_act = time.perf_counter() - t0
+            weights_K = self._broadcast_weights(weights_K)
+            next_obs, reward, terminated, truncated, info = self.env.step(weights_K)
+            sig = info["signals"]
+            self.step = int(sig.step)
+            self._prev_tokens = self.tokens_total
+            self.tokens_total += sig.tokens
+            agent_metrics: dict[str, float] = {}
+            t1 = time.perf_counter()
+            if self.rank == 0:
+                self.mixer.observe(self.obs, weights_K, float(reward), next_obs, info)
+                agent_metrics = dict(self.mixer.update() or {})
+            t_agent = t_act + time.perf_counter() - t1
+            self.obs = next_obs
+            evaluated = self.step % cfg.eval.interval == 0 or self.step >= total
+            eval_metrics = self.env.unwrapped.evaluate() if evaluated else {}
+            if evaluated:
+                last_eval = eval_metrics
+            wall = time.perf_counter() - start
+            if self.rank == 0:
+                row = signals_row(
+                    self.domain_names, info, step=self.step, tokens_total=self.tokens_total,
+                    wall_time=wall, reward=float(reward),
+                )
+                row["time/agent_s"] = t_agent
+                for key, value in agent_metrics.items():
+                    row[key] = value
+                row.update(eval_metrics)
+                self.ledger.append(row)
+                self._record(row, agent_metrics, bar, evaluated)
+            if evaluated and self.hooks.on_eval is not None:
+                self.hooks.on_eval(self.step, eval_metrics)
+            if self.step % cfg.checkpoint.interval == 0 or self.step >= total:
+                path = self.checkpoint(wall)
+                if self.hooks.on_checkpoint is not None:
+                    self.hooks.on_checkpoint(path, eval_metrics if evaluated else {})
+            if terminated or truncated:
+                break
+        if bar is not None:
+            bar.close()
+        if self.rank == 0:
+            self.ledger.flush()
+        return {"run_dir": str(self.run_dir), "step": self.step, "eval": last_eval}
+
+    def _record(self, row: dict[str, Any], agent_metrics: dict[str, float], bar: Any, evaluated: bool) -> None:
+        """Progress bar / log line and batched metrics, rank 0 only."""
+        interval = self.cfg.train.log_interval
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{self._tok_s(row):.0f}")
+        elif self.step % interval == 0 or evaluated:
+            log.info(
+                "step %d/%d loss %.4f reward %+.3f tokens/s %.0f%s",
+                self.step, self.cfg.train.total_steps, row["loss"], row["reward"], self._tok_s(row),
+                f" val/mean_ppl {row['val/mean_ppl']:.3f}" if "val/mean_ppl" in row else "",
+            )
+        if self.sink is not None and (self.step % interval == 0 or evaluated):
+            self.sink.log_metrics(self._metrics(row, agent_metrics), step=self.step)
+
+    def _tok_s(self, row: dict[str, Any]) -> float:
+        step_s = row.get("time/step_s") or float("nan")
+        return (row["tokens"] - self._prev_tokens) / step_s if step_s and step_s > 0 else float("nan")
+
+
+def _progress(total: int, initial: int) -> Any:
+    """A tqdm bar on a terminal, None otherwise (plain log lines are used then)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------- builders
+def build_env(cfg: ExperimentConfig) -> Any:
+    """The LM-backed ``DataMixingEnv`` for this config (one process or one DDP rank)."""
+    from envs.env import DataMixingEnv
+
+    return DataMixingEnv.from_config(cfg)
+
+
+def build_local_mixer(cfg: ExperimentConfig, env: Any) -> Any:
+    """The configured mixer, in this process."""
+    from agents import build_mixer
+
+    return build_mixer(cfg.agent, **mixer_kwargs(cfg, env))
+
+
+def mixer_kwargs(cfg: ExperimentConfig, env: Any) -> dict[str, Any]:
+    """Constructor arguments of a mixer for ``env`` (also used to build the agent Ray actor)."""
+    backend = env.unwrapped.backend
+    decisions = math.ceil(cfg.train.total_steps / cfg.env.steps_per_action)
+    return {
+        "observation_space": env.observation_space,
+        "action_space": env.action_space,
+        "seed": cfg.seed,
+        "domain_names": list(cfg.data.domain_names),
+        "natural_weights": np.asarray(backend.natural_weights_K, dtype=float),
+        "total_steps": decisions,
+        "floor": cfg.env.action_floor,
+    }
+
+
+def add_file_log(run_dir: Path) -> logging.Handler:
+    """Mirror this process's log records to ``<run_dir>/run.log``."""
+    handler = logging.FileHandler(Path(run_dir) / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def run_local(cfg: ExperimentConfig, resume: Path | None = None) -> dict[str, Any]:
+    """Run a whole experiment in this process, without Ray (the debugging path)."""
+    run_dir, ckpt_path = prepare_run_dir(cfg, resume)
+    handler = add_file_log(run_dir)
+    env = None
+    sink = None
+    status = "FAILED"
+    try:
+        env = build_env(cfg)
+        mixer = build_local_mixer(cfg, env)
+        from ray_jobs.tracking import make_sink
+
+        sink = make_sink(cfg, rank=0, run_dir=run_dir)
+        loop = RunLoop(cfg, env, mixer, run_dir, sink=sink)
+        if ckpt_path is not None:
+            loop.restore(load_checkpoint(ckpt_path))
+        result = loop.run()
+        finish_run(cfg, run_dir, mixer, sink)
+        status = "FINISHED"
+        log.info("run finished: %s (ledger %s)", run_dir, run_dir / LEDGER_FILE)
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if sink is not None:
+            sink.close(status)
+        if env is not None:
+            env.close()
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def finish_run(cfg: ExperimentConfig, run_dir: Path, mixer: Any, sink: Any | None) -> None:
+    """Save the policy (AC-ODM) and log the end-of-run artifacts."""
+    policy = None
+    if cfg.agent.kind == "ac_odm" and hasattr(mixer, "save_policy"):
+        policy = run_dir / "policy.pt"
+        mixer.save_policy(policy)
+    if sink is None:
+        return
+    sink.log_artifact(run_dir / "config.yaml")
+    sink.log_artifact(run_dir / LEDGER_FILE)
+    if policy is not None and policy.exists():
+        sink.log_artifact(policy)
