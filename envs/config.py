@@ -149,6 +149,11 @@ class SamplerConfig(StrictModel):
     grad_accum: int = Field(4, gt=0, description="Micro-batches per rank per optimiser step.")
     min_per_domain: int = Field(0, ge=0, description="Micro-batches forced per domain each step (reference: 1).")
     weight_floor: float = Field(0.0, ge=0, lt=1, description="Probability floor applied before quotas.")
+    rounding: Literal["largest_remainder", "systematic"] = Field(
+        "largest_remainder",
+        description="Leftover seats: largest remainder (deterministic) or systematic (seeded, unbiased; "
+        "use it when micro-batches per step are few compared with K).",
+    )
 
 
 class TrainConfig(StrictModel):

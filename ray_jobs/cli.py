@@ -115,14 +115,16 @@ def run(args: argparse.Namespace) -> int:
             run_local(cfg, resume=args.resume)
         return 0
     if args.command == "tune":
+        cfg = _load(args)
         from ray_jobs.tune import run_tune
 
-        run_tune(_load(args), resume=args.resume)
+        run_tune(cfg, resume=args.resume)
         return 0
     if args.command == "proxy":
+        cfg = _load(args)
         from ray_jobs.proxy import run_proxy
 
-        run_proxy(_load(args))
+        run_proxy(cfg)
         return 0
     if args.command == "report":
         from analysis.report import build_report

@@ -57,6 +57,9 @@ class TrackingConfig(StrictModel):
     experiment_name: str = "acodm"
     run_name: str | None = Field(None, description="null = the experiment config's name.")
     log_interval: int = Field(10, gt=0, description="Log metrics every N steps (batched, async).")
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="MLflow run tags; 'method' names the run's method in `acodm report`."
+    )
 
 
 class ProxyConfig(StrictModel):
@@ -122,6 +125,13 @@ class ExperimentConfig(StrictModel):
         if self.sampler.weight_floor * k >= 1:
             raise ValueError(
                 f"sampler.weight_floor={self.sampler.weight_floor} must be < 1/K = {1 / k:.4g} for K={k} domains"
+            )
+        world = max(1, self.ray.num_workers) if self.ray.enabled else 1
+        per_step = world * self.sampler.grad_accum
+        if self.sampler.min_per_domain * k > per_step:
+            raise ValueError(
+                f"sampler.min_per_domain={self.sampler.min_per_domain} x K={k} domains exceeds the {per_step} "
+                f"micro-batches per step (workers {world} x sampler.grad_accum {self.sampler.grad_accum})"
             )
         return self
 

@@ -41,7 +41,10 @@ RESUME_MAY_DIFFER = ("ray.", "tracking.", "checkpoint.keep_last", "train.log_int
 # --------------------------------------------------------------------------------------------- checkpoints
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Complete checkpoint directories of a run, oldest first."""
-    root = Path(run_dir) / CKPT_DIR
+    return _step_dirs(Path(run_dir) / CKPT_DIR)
+
+
+def _step_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = []
@@ -58,7 +61,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def write_checkpoint(
-    run_dir: Path,
+    root: Path,
     step: int,
     *,
     pretrainer_state: dict[str, Any],
@@ -66,9 +69,14 @@ def write_checkpoint(
     agent_state: dict[str, Any] | None,
     loop_state: dict[str, Any],
     keep_last: int,
+    ledger: Ledger | None = None,
 ) -> Path:
-    """Write one checkpoint atomically and prune old ones; returns its directory."""
-    root = Path(run_dir) / CKPT_DIR
+    """Write ``<root>/step_<N>`` atomically and keep the newest ``keep_last`` (0 = no pruning).
+
+    A copy of the ledger up to this step goes into the checkpoint, so a restart on another node (Ray
+    Train restores from storage) recovers the ledger with the rest of the state.
+    """
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
@@ -79,12 +87,15 @@ def write_checkpoint(
     torch.save(env_state, tmp / "env.pt")
     if agent_state is not None:
         torch.save(agent_state, tmp / "agent.pt")
+    if ledger is not None:
+        Ledger(tmp / LEDGER_FILE, ledger.rows).flush()
     (tmp / "loop.json").write_text(json.dumps({**loop_state, "version": CKPT_VERSION}))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in checkpoint_dirs(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep_last > 0:
+        for old in _step_dirs(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -98,7 +109,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         loop = json.loads(loop_file.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"checkpoint {str(loop_file)!r} is corrupt: {exc}") from None
-    out: dict[str, Any] = {"loop": loop, "agent": None}
+    out: dict[str, Any] = {"loop": loop, "agent": None, "ledger_rows": None}
+    if (path / LEDGER_FILE).exists():
+        out["ledger_rows"] = Ledger.load(path / LEDGER_FILE).rows
     for key in ("pretrainer", "env", "agent"):
         f = path / f"{key}.pt"
         if not f.exists():
@@ -152,10 +165,15 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: Path | None) -> tuple[Path, P
 # --------------------------------------------------------------------------------------------- the loop
 @dataclass
 class LoopHooks:
-    """Optional callbacks the Ray layer plugs in (reporting to Ray Train, agent recovery)."""
+    """Optional callbacks the Ray layer plugs in.
 
-    on_checkpoint: Callable[[Path, dict[str, float]], None] | None = None
-    on_eval: Callable[[int, dict[str, float]], None] | None = None
+    ``on_report(step, metrics, checkpoint_dir)`` runs on every rank at each evaluation and checkpoint
+    step (the same steps on all ranks, as Ray Train's collective ``report`` requires); rank 0 gets
+    the checkpoint directory it just wrote (None on other ranks and on eval-only steps).
+    """
+
+    on_report: Callable[[int, dict[str, float], Path | None], None] | None = None
+    checkpoint_root: Path | None = None  # None: <run_dir>/checkpoints with keep_last pruning
 
 
 class RunLoop:
@@ -208,7 +226,10 @@ class RunLoop:
         if self.rank == 0:
             if ckpt["agent"] is not None:
                 self.mixer.load_state_dict(ckpt["agent"])
-            self.ledger = Ledger.load(self.run_dir / LEDGER_FILE)
+            rows = ckpt["ledger_rows"]
+            if rows is None:  # older checkpoints: the run directory's ledger, truncated
+                rows = Ledger.load(self.run_dir / LEDGER_FILE).rows
+            self.ledger = Ledger(self.run_dir / LEDGER_FILE, rows)
             self.ledger.truncate(int(loop["ledger_rows"]))
         self.step = int(loop["step"])
         self.tokens_total = int(loop["tokens"])
@@ -223,7 +244,7 @@ class RunLoop:
         self.ledger.flush()
         agent_state = self.mixer.state_dict() if self.mixer is not None else None
         path = write_checkpoint(
-            self.run_dir,
+            self.hooks.checkpoint_root or self.run_dir / CKPT_DIR,
             self.step,
             pretrainer_state=(
                 self.backend.pretrainer.state_dict() if hasattr(self.backend, "pretrainer") else {}
@@ -237,7 +258,8 @@ class RunLoop:
                 "ledger_rows": len(self.ledger),
                 "obs": np.asarray(self.obs, dtype=float).tolist(),
             },
-            keep_last=self.cfg.checkpoint.keep_last,
+            keep_last=self.cfg.checkpoint.keep_last if self.hooks.checkpoint_root is None else 0,
+            ledger=self.ledger,
         )
         log.info("checkpoint step %d -> %s", self.step, path)
         return path
@@ -316,12 +338,12 @@ class RunLoop:
                 row.update(eval_metrics)
                 self.ledger.append(row)
                 self._record(row, agent_metrics, bar, evaluated)
-            if evaluated and self.hooks.on_eval is not None:
-                self.hooks.on_eval(self.step, eval_metrics)
-            if self.step % cfg.checkpoint.interval == 0 or self.step >= total:
-                path = self.checkpoint(wall)
-                if self.hooks.on_checkpoint is not None:
-                    self.hooks.on_checkpoint(path, eval_metrics if evaluated else {})
+            checkpointing = self.step % cfg.checkpoint.interval == 0 or self.step >= total
+            path = self.checkpoint(wall) if checkpointing else None
+            if (evaluated or checkpointing) and self.hooks.on_report is not None:
+                report = {k: float(v) for k, v in eval_metrics.items()}
+                report.update(step=float(self.step), tokens=float(self.tokens_total))
+                self.hooks.on_report(self.step, report, path)
             if terminated or truncated:
                 break
         if bar is not None:
