@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
 CKPT_VERSION = 1
+PACKAGE_LOGGERS = ("envs", "agents", "ray_jobs", "analysis")
 RESUME_MAY_DIFFER = ("ray.", "tracking.", "checkpoint.keep_last", "train.log_interval")
 
 
@@ -123,6 +124,20 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         except Exception as exc:  # torch raises several types for truncated/corrupt files
             raise ValueError(f"checkpoint file {str(f)!r} is corrupt or unreadable: {exc}") from None
     return out
+
+
+def _split_env_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Move the pretrainer's state out of the env state (it goes to ``pretrainer.pt``, read by export)."""
+    backend = dict(state.get("backend") or {})
+    pretrainer = backend.pop("pretrainer", None) or {}
+    return {**state, "backend": backend}, pretrainer
+
+
+def _join_env_state(env_state: dict[str, Any], pretrainer: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of ``_split_env_state``."""
+    if not pretrainer:
+        return env_state
+    return {**env_state, "backend": {**env_state.get("backend", {}), "pretrainer": pretrainer}}
 
 
 # --------------------------------------------------------------------------------------------- run directory
@@ -220,9 +235,7 @@ class RunLoop:
         """Continue from a loaded checkpoint (all ranks call this with the same data)."""
         loop = ckpt["loop"]
         self.env.reset(seed=self.cfg.seed)
-        if hasattr(self.backend, "pretrainer"):
-            self.backend.pretrainer.load_state_dict(ckpt["pretrainer"])
-        self.env.unwrapped.load_state_dict(ckpt["env"])
+        self.env.unwrapped.load_state_dict(_join_env_state(ckpt["env"], ckpt["pretrainer"]))
         if self.rank == 0:
             if ckpt["agent"] is not None:
                 self.mixer.load_state_dict(ckpt["agent"])
@@ -243,13 +256,12 @@ class RunLoop:
             return None
         self.ledger.flush()
         agent_state = self.mixer.state_dict() if self.mixer is not None else None
+        env_state, pretrainer_state = _split_env_state(self.env.unwrapped.state_dict())
         path = write_checkpoint(
             self.hooks.checkpoint_root or self.run_dir / CKPT_DIR,
             self.step,
-            pretrainer_state=(
-                self.backend.pretrainer.state_dict() if hasattr(self.backend, "pretrainer") else {}
-            ),
-            env_state=self.env.unwrapped.state_dict(),
+            pretrainer_state=pretrainer_state,
+            env_state=env_state,
             agent_state=agent_state,
             loop_state={
                 "step": self.step,
@@ -386,7 +398,7 @@ def build_env(cfg: ExperimentConfig) -> Any:
     """The LM-backed ``DataMixingEnv`` for this config (one process or one DDP rank)."""
     from envs.env import DataMixingEnv
 
-    return DataMixingEnv.from_config(cfg)
+    return DataMixingEnv(cfg, backend="lm")
 
 
 def build_local_mixer(cfg: ExperimentConfig, env: Any) -> Any:
@@ -412,11 +424,23 @@ def mixer_kwargs(cfg: ExperimentConfig, env: Any) -> dict[str, Any]:
 
 
 def add_file_log(run_dir: Path) -> logging.Handler:
-    """Mirror this process's log records to ``<run_dir>/run.log``."""
+    """Mirror this process's INFO and higher records of acodm's packages to ``<run_dir>/run.log``."""
     handler = logging.FileHandler(Path(run_dir) / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
+    handler.setLevel(logging.INFO)
+    for name in PACKAGE_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
     return handler
+
+
+def remove_file_log(handler: logging.Handler) -> None:
+    """Detach and close a handler from ``add_file_log``."""
+    for name in PACKAGE_LOGGERS:
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
 
 
 def run_local(cfg: ExperimentConfig, resume: Path | None = None) -> dict[str, Any]:
@@ -448,8 +472,7 @@ def run_local(cfg: ExperimentConfig, resume: Path | None = None) -> dict[str, An
             sink.close(status)
         if env is not None:
             env.close()
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        remove_file_log(handler)
 
 
 def finish_run(cfg: ExperimentConfig, run_dir: Path, mixer: Any, sink: Any | None) -> None:

@@ -1,0 +1,284 @@
+"""``acodm train`` on Ray: Ray Train LM workers (DDP), the agent as a Ray actor, MLflow on rank 0.
+
+The driver validates everything that can fail fast (storage, cluster address, resources, MLflow), then
+builds a ``TorchTrainer``. Each worker turns the config dict Ray hands it back into the typed
+``ExperimentConfig`` on its first line and runs the same ``RunLoop`` as the in-process path, over an
+LM-backed ``DataMixingEnv`` in DDP (gloo on CPU, NCCL on GPU). Rank 0 owns the agent actor (so the actor
+shares the worker group's fate and is rebuilt with it from the checkpoint on a restart), asks it for the
+weights, broadcasts them, and sends it the transitions without waiting for its updates.
+
+Checkpoints go to Ray Train storage as ``<run_dir>/checkpoints/step_<N>`` (the layout of
+``docs/internals.md``), reported only at evaluation and checkpoint steps: one ``ray.train.report`` costs
+about a controller poll (seconds on a small machine), so never every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray_jobs.config import ExperimentConfig
+from ray_jobs.driver import (
+    LoopHooks,
+    RunLoop,
+    add_file_log,
+    build_env,
+    build_local_mixer,
+    finish_run,
+    load_checkpoint,
+    mixer_kwargs,
+    prepare_run_dir,
+    remove_file_log,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RecoveringMixer:
+    """A ``RemoteMixer`` that survives the agent actor's death.
+
+    It remembers the agent state of the last checkpoint (every checkpoint calls ``state_dict``); when
+    a call finds the actor dead it recreates it from that state, logs the event and retries once.
+    """
+
+    def __init__(self, remote: Any, initial_state: dict[str, Any] | None = None) -> None:
+        """Wrap ``remote`` (a ``RemoteMixer``); ``initial_state`` is used if it dies before a checkpoint."""
+        self.remote = remote
+        self.last_state = initial_state
+        self.restarts = 0
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        from ray_jobs.agent_actor import AgentActorDiedError
+
+        try:
+            return getattr(self.remote, name)(*args, **kwargs)
+        except AgentActorDiedError as exc:
+            self.restarts += 1
+            log.warning("agent actor died (%s); recreating it from the last checkpoint's agent state", exc)
+            self.remote.restart(self.last_state)
+            return getattr(self.remote, name)(*args, **kwargs)
+
+    def act(self, obs: Any, *, explore: bool = True) -> Any:
+        """Next mixture from the latest policy."""
+        return self._call("act", obs, explore=explore)
+
+    def observe(self, obs: Any, weights: Any, reward: Any, next_obs: Any, info: Any = None) -> None:
+        """Queue a transition (the actor updates asynchronously)."""
+        self._call("observe", obs, weights, reward, next_obs, _slim_info(info))
+
+    def update(self) -> dict[str, float]:
+        """Metrics of the updates that finished since the last call."""
+        out = dict(self._call("update") or {})
+        if self.restarts:
+            out["agent/restarts"] = float(self.restarts)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The agent's full state, remembered for recovery."""
+        self.last_state = self._call("state_dict")
+        return self.last_state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the actor's mixer (and remember the state for recovery)."""
+        self.last_state = state
+        self._call("load_state_dict", state)
+
+    def save_policy(self, path: Path) -> None:
+        """Write the policy file from the actor's current state (AC-ODM only)."""
+        from agents import build_mixer
+
+        spec = self.remote.spec
+        local = build_mixer(spec.agent_cfg, spec.observation_space, spec.action_space, **dict(spec.mixer_kwargs))
+        local.load_state_dict(self.state_dict())
+        local.save_policy(path)
+
+    def close(self) -> None:
+        """Stop the actor."""
+        self.remote.close()
+
+
+def _slim_info(info: Any) -> Any:
+    """Only what mixers read crosses to the actor (not the signals record or the Gram matrix)."""
+    if not isinstance(info, dict):
+        return info
+    keep = ("loss_K", "reward_parts_K", "scores_K", "weights_K")
+    return {k: info[k] for k in keep if k in info}
+
+
+# --------------------------------------------------------------------------------------------- worker side
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the typed config first, then the shared run loop."""
+    cfg = ExperimentConfig.from_dict(config["experiment"], source="train_loop_config")
+    import ray
+    import ray.train
+    import torch
+
+    from ray_jobs.tracking import make_sink
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.lm.num_threads > 0:
+        torch.set_num_threads(cfg.lm.num_threads)
+    run_dir = Path(config["run_dir"])
+    handler = add_file_log(run_dir) if rank == 0 else None
+    env = build_env(cfg)
+    mixer: Any = None
+    sink: Any = None
+    tmp_root = Path(tempfile.mkdtemp(prefix="acodm-ckpt-")) if rank == 0 else None
+    status = "FAILED"
+    try:
+        if rank == 0:
+            mixer = _make_mixer(cfg, env)
+            sink = make_sink(cfg, 0, run_dir=run_dir, parent_run_id=config.get("parent_run_id"),
+                             tags=config.get("tags"))
+        loop = RunLoop(cfg, env, mixer, run_dir, sink=sink, rank=rank, world_size=world,
+                       hooks=LoopHooks(on_report=_reporter(cfg), checkpoint_root=tmp_root))
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                state = load_checkpoint(Path(d))
+            log.info("rank %d: restoring from Ray Train checkpoint %s", rank, ckpt.path)
+            loop.restore(state)
+        elif config.get("resume_from"):
+            loop.restore(load_checkpoint(Path(config["resume_from"])))
+        loop.run()
+        if rank == 0:
+            finish_run(cfg, run_dir, mixer, sink)
+        status = "FINISHED"
+    finally:
+        if sink is not None:
+            sink.close(status)
+        if mixer is not None and hasattr(mixer, "close"):
+            mixer.close()
+        env.close()
+        if tmp_root is not None:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+        if handler is not None:
+            remove_file_log(handler)
+
+
+def _make_mixer(cfg: ExperimentConfig, env: Any) -> Any:
+    """The agent as a Ray actor when Ray is up (a cluster run), in-process otherwise (local mode)."""
+    import ray
+
+    if not ray.is_initialized():
+        return build_local_mixer(cfg, env)
+    from ray_jobs.agent_actor import AgentActorSpec, RemoteMixer
+
+    kwargs = mixer_kwargs(cfg, env)
+    spec = AgentActorSpec(
+        agent_cfg=cfg.agent,
+        observation_space=kwargs.pop("observation_space"),
+        action_space=kwargs.pop("action_space"),
+        mixer_kwargs=kwargs,
+        resources=dict(cfg.ray.agent_resources),
+    )
+    return RecoveringMixer(RemoteMixer(spec))
+
+
+def _reporter(cfg: ExperimentConfig) -> Any:
+    """``on_report`` hook: one collective ``ray.train.report`` per eval/checkpoint step."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    def on_report(step: int, metrics: dict[str, float], path: Path | None) -> None:
+        checkpointing = step % cfg.checkpoint.interval == 0 or step >= cfg.train.total_steps
+        ray.train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(str(path)) if path is not None else None,
+            checkpoint_dir_name=f"step_{step:08d}" if checkpointing else None,
+        )
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+
+    return on_report
+
+
+# --------------------------------------------------------------------------------------------- driver side
+def build_trainer(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    *,
+    resume_from: Path | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """A ``TorchTrainer`` for this experiment; its storage is ``<run_dir>/checkpoints``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ray_jobs.cluster import worker_resources
+
+    scaling = ScalingConfig(
+        num_workers=cfg.ray.num_workers,
+        use_gpu=cfg.ray.use_gpu,
+        resources_per_worker=worker_resources(cfg.ray.resources_per_worker, cfg.ray.use_gpu)
+        if cfg.ray.num_workers > 0 else None,
+    )
+    run_config = RunConfig(
+        name="checkpoints",
+        storage_path=str(Path(run_dir).resolve()),
+        failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+        callbacks=callbacks,
+    )
+    loop_config = {
+        "experiment": cfg.to_dict(),
+        "run_dir": str(Path(run_dir).resolve()),
+        "resume_from": str(Path(resume_from).resolve()) if resume_from else None,
+        "parent_run_id": parent_run_id,
+        "tags": tags,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+    )
+
+
+def run_train(
+    cfg: ExperimentConfig,
+    resume: Path | None = None,
+    *,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run one experiment on Ray (local or cluster); returns where the run, ledger and MLflow run are."""
+    from ray_jobs.cluster import check_resources, check_storage, connect
+    from ray_jobs.tracking import prepare_tracking, resolve_tracking_uri
+
+    run_dir, ckpt = prepare_run_dir(cfg, resume)
+    check_storage(str(run_dir.resolve()), field="output_dir")
+    if cfg.ray.storage_path is not None:
+        check_storage(cfg.ray.storage_path)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    start = time.perf_counter()
+    with connect(cfg):
+        check_resources(cfg.ray.num_workers, cfg.ray.resources_per_worker, cfg.ray.use_gpu, cfg.ray.agent_resources)
+        uri = prepare_tracking(cfg)[0] if cfg.tracking.enabled else None
+        trainer = build_trainer(cfg, run_dir, resume_from=ckpt, parent_run_id=parent_run_id, tags=tags)
+        result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    summary = {
+        "run_dir": str(run_dir),
+        "ledger": str(run_dir / "ledger.parquet"),
+        "metrics": dict(result.metrics or {}),
+        "seconds": time.perf_counter() - start,
+        "mlflow_uri": uri if uri is not None else resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir),
+    }
+    mean_ppl = summary["metrics"].get("val/mean_ppl")
+    log.info(
+        "run finished in %.0f s: %s%s", summary["seconds"], run_dir,
+        f" (val/mean_ppl {mean_ppl:.3f})" if mean_ppl is not None and math.isfinite(mean_ppl) else "",
+    )
+    return summary

@@ -1,0 +1,194 @@
+"""The in-process run loop: ledger, checkpoints, exact resume (also after SIGKILL), bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from ray_jobs.config import ExperimentConfig, load_config
+from ray_jobs.driver import checkpoint_dirs, latest_checkpoint, load_checkpoint, run_local
+from tests.envs.lm_fixtures import make_synthetic_corpus
+
+DOMAINS = ("alpha", "beta", "gamma")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prepared")
+    make_synthetic_corpus(out, domain_names=DOMAINS, train_tokens=6000, val_tokens=1200)
+    return out
+
+
+def experiment(prepared: Path, out: Path, **over: object) -> dict:
+    """A tiny experiment dict (fast on CPU): 3 domains, tiny model, sqlite tracking off by default."""
+    data = {
+        "name": "t",
+        "output_dir": str(out),
+        "seed": 3,
+        "data": {
+            "prepared_dir": str(prepared),
+            "domains": [{"name": n, "source": {"paths": [f"/nonexistent/{n}.jsonl"]}} for n in DOMAINS],
+        },
+        "lm": {
+            "preset": "tiny",
+            "seq_len": 32,
+            "precision": "fp32",
+            "num_threads": 1,
+            "num_layers": 2,
+            "hidden_size": 64,
+            "num_heads": 2,
+        },
+        "optim": {"lr": 3e-3, "warmup_fraction": 0.1},
+        "sampler": {"micro_batch_size": 2, "grad_accum": 3},
+        "train": {"total_steps": 12, "log_interval": 2},
+        "eval": {"interval": 4, "max_batches": 2, "batch_size": 4},
+        "checkpoint": {"interval": 4, "keep_last": 2},
+        "agent": {"kind": "uniform"},
+        "ray": {"enabled": False},
+        "tracking": {"enabled": False},
+    }
+    for key, value in over.items():
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return data
+
+
+def read_ledger(run_dir: Path) -> pd.DataFrame:
+    return pd.read_parquet(run_dir / "ledger.parquet")
+
+
+def test_static_run_writes_ledger_config_and_checkpoints(prepared: Path, tmp_path: Path) -> None:
+    cfg = ExperimentConfig.from_dict(experiment(prepared, tmp_path))
+    result = run_local(cfg)
+    run_dir = tmp_path / "t"
+    ledger = read_ledger(run_dir)
+    assert list(ledger["step"]) == list(range(1, 13))
+    # uniform mixer: every step's weights are uniform, micro-batch counts sum to the step's total
+    weights = ledger[[f"weight/{d}" for d in DOMAINS]].to_numpy()
+    np.testing.assert_allclose(weights, 1 / 3)
+    counts = ledger[[f"microbatches/{d}" for d in DOMAINS]].to_numpy()
+    assert (counts.sum(axis=1) == 3).all()
+    assert (ledger["tokens"].diff().dropna() == 3 * 2 * 32).all()
+    evaluated = ledger.dropna(subset=["val/mean_ppl"])
+    assert list(evaluated["step"]) == [4, 8, 12]
+    assert np.isfinite(evaluated[[f"val/ppl/{d}" for d in DOMAINS]].to_numpy()).all()
+    assert result["eval"]["val/mean_ppl"] == pytest.approx(evaluated["val/mean_ppl"].iloc[-1])
+    assert [p.name for p in checkpoint_dirs(run_dir)] == ["step_00000008", "step_00000012"]
+    assert load_config(run_dir / "config.yaml") == cfg
+    assert (run_dir / "run.log").read_text().count("checkpoint step") == 3
+
+
+def test_resume_from_checkpoint_is_bit_identical(prepared: Path, tmp_path: Path) -> None:
+    full = ExperimentConfig.from_dict(experiment(prepared, tmp_path / "a", **{"agent.kind": "natural"}))
+    run_local(full)
+    reference = read_ledger(tmp_path / "a" / "t")
+
+    part_dir = tmp_path / "b"
+    partial = ExperimentConfig.from_dict(
+        experiment(prepared, part_dir, **{"agent.kind": "natural", "checkpoint.keep_last": 5})
+    )
+    run_local(partial)
+    run_dir = part_dir / "t"
+    # roll the run back to its step-4 checkpoint, as if it had died at step 6
+    for ckpt in checkpoint_dirs(run_dir):
+        if ckpt.name != "step_00000004":
+            import shutil
+
+            shutil.rmtree(ckpt)
+    assert latest_checkpoint(run_dir).name == "step_00000004"
+    run_local(partial)  # the run directory holds a checkpoint: resumes automatically
+    resumed = read_ledger(run_dir)
+    timing = [c for c in reference.columns if c.startswith("time/") or c == "wall_time"]
+    pd.testing.assert_frame_equal(
+        resumed.drop(columns=timing), reference.drop(columns=timing), check_exact=True
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_between_checkpoints_then_resume_matches_uninterrupted(
+    prepared: Path, tmp_path: Path
+) -> None:
+    steps = 24
+    over = {"train.total_steps": steps, "checkpoint.interval": 6, "eval.interval": 6}
+    ref_cfg = experiment(prepared, tmp_path / "ref", **over)
+    run_local(ExperimentConfig.from_dict(ref_cfg))
+    reference = read_ledger(tmp_path / "ref" / "t")
+
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(experiment(prepared, tmp_path / "kill", **over)))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "ray_jobs", "-q", "train", str(cfg_path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    run_dir = tmp_path / "kill" / "t"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (run_dir / "checkpoints" / "step_00000006").exists():
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = latest_checkpoint(run_dir)
+    assert killed_at is not None and int(killed_at.name[5:]) < steps
+    # resume through the CLI, as a user would
+    done = subprocess.run([*cmd[:-2], "train", str(cfg_path), "--resume", str(run_dir)], cwd=REPO, env=env)
+    assert done.returncode == 0
+    resumed = read_ledger(run_dir)
+    assert list(resumed["step"]) == list(range(1, steps + 1))
+    timing = [c for c in reference.columns if c.startswith("time/") or c == "wall_time"]
+    pd.testing.assert_frame_equal(
+        resumed.drop(columns=timing), reference.drop(columns=timing), check_exact=True
+    )
+
+
+def test_resume_with_a_different_config_is_refused(prepared: Path, tmp_path: Path) -> None:
+    cfg = ExperimentConfig.from_dict(experiment(prepared, tmp_path, **{"train.total_steps": 4}))
+    run_local(cfg)
+    changed = ExperimentConfig.from_dict(
+        experiment(prepared, tmp_path, **{"train.total_steps": 4, "optim.lr": 1e-3})
+    )
+    with pytest.raises(ValueError, match=r"optim\.lr"):
+        run_local(changed)
+
+
+def test_resume_needs_a_checkpoint(prepared: Path, tmp_path: Path) -> None:
+    cfg = ExperimentConfig.from_dict(experiment(prepared, tmp_path))
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        run_local(cfg, resume=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        run_local(cfg, resume=tmp_path / "empty")
+
+
+def test_corrupt_checkpoint_is_a_clear_error(prepared: Path, tmp_path: Path) -> None:
+    cfg = ExperimentConfig.from_dict(experiment(prepared, tmp_path, **{"train.total_steps": 4}))
+    run_local(cfg)
+    ckpt = latest_checkpoint(tmp_path / "t")
+    (ckpt / "pretrainer.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="corrupt or unreadable"):
+        load_checkpoint(ckpt)
+    (ckpt / "loop.json").write_text("{oops")
+    with pytest.raises(ValueError, match="loop.json"):
+        load_checkpoint(ckpt)
+
+
+def test_domains_differing_from_the_manifest_fail_before_training(prepared: Path, tmp_path: Path) -> None:
+    data = experiment(prepared, tmp_path)
+    data["data"]["domains"][2]["name"] = "delta"
+    cfg = ExperimentConfig.from_dict(data)
+    with pytest.raises(ValueError, match="delta"):
+        run_local(cfg)
+    assert not (tmp_path / "t" / "ledger.parquet").exists()
