@@ -81,6 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_run_summary(cfg: ExperimentConfig, result: dict) -> None:
+    """Tell the user where the run, its ledger and its MLflow record are (stdout)."""
+    from ray_jobs.tracking import resolve_tracking_uri
+
+    run_dir = Path(result["run_dir"])
+    ev = result.get("eval") or result.get("metrics") or {}
+    lines = [f"run directory : {run_dir}", f"ledger        : {run_dir / 'ledger.parquet'}"]
+    if "val/mean_ppl" in ev:
+        lines.append(f"val/mean_ppl  : {ev['val/mean_ppl']:.4f}")
+    if cfg.tracking.enabled:
+        uri = resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir)
+        if uri.startswith("sqlite:"):
+            lines.append(f"MLflow        : mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+        else:
+            lines.append(f"MLflow        : {uri} (experiment {cfg.tracking.experiment_name!r})")
+    lines.append(f"report        : acodm report {run_dir} --out {run_dir / 'report'}")
+    print("\n".join(lines))
+
+
 def _load(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, args.overrides)
 
@@ -108,11 +127,12 @@ def run(args: argparse.Namespace) -> int:
         if cfg.ray.enabled:
             from ray_jobs.train import run_train
 
-            run_train(cfg, resume=args.resume)
+            result = run_train(cfg, resume=args.resume)
         else:
             from ray_jobs.driver import run_local
 
-            run_local(cfg, resume=args.resume)
+            result = run_local(cfg, resume=args.resume)
+        print_run_summary(cfg, result)
         return 0
     if args.command == "tune":
         cfg = _load(args)

@@ -286,7 +286,7 @@ class RunLoop:
 
         buf = torch.zeros(len(self.domain_names), dtype=torch.float64)
         if self.rank == 0:
-            buf.copy_(torch.as_tensor(weights_K, dtype=torch.float64))
+            buf.copy_(torch.from_numpy(np.array(weights_K, dtype=np.float64)))
         dist.broadcast(buf, src=0)
         return buf.numpy()
 

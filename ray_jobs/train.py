@@ -262,7 +262,8 @@ def run_train(
         check_storage(cfg.ray.storage_path)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     start = time.perf_counter()
-    with connect(cfg):
+    # the dashboard's state API keeps Ray Train's placement-group cleaner quiet (platform notes §3)
+    with connect(cfg, include_dashboard=True):
         check_resources(cfg.ray.num_workers, cfg.ray.resources_per_worker, cfg.ray.use_gpu, cfg.ray.agent_resources)
         uri = prepare_tracking(cfg)[0] if cfg.tracking.enabled else None
         trainer = build_trainer(cfg, run_dir, resume_from=ckpt, parent_run_id=parent_run_id, tags=tags)
