@@ -401,11 +401,37 @@ def build_env(cfg: ExperimentConfig) -> Any:
     return DataMixingEnv(cfg, backend="lm")
 
 
-def build_local_mixer(cfg: ExperimentConfig, env: Any) -> Any:
+def build_local_mixer(cfg: ExperimentConfig, env: Any, run_dir: Path | None = None) -> Any:
     """The configured mixer, in this process."""
     from agents import build_mixer
 
-    return build_mixer(cfg.agent, **mixer_kwargs(cfg, env))
+    return build_mixer(resolve_policy(cfg, run_dir), **mixer_kwargs(cfg, env))
+
+
+def resolve_policy(cfg: ExperimentConfig, run_dir: Path | None) -> Any:
+    """``cfg.agent`` with ``policy`` turned into a local file (MLflow artifact URIs are downloaded).
+
+    ``agent.policy`` accepts a path or an MLflow artifact URI (``runs:/<run_id>/policy.pt``,
+    ``mlflow-artifacts:/...``, ``models:/...``); agents only read local files.
+    """
+    policy = cfg.agent.policy
+    if policy is None or Path(policy).exists() or ":/" not in policy:
+        return cfg.agent
+    import mlflow.artifacts
+
+    from ray_jobs.tracking import resolve_tracking_uri
+
+    dst = Path(run_dir or cfg.run_dir) / "downloaded_policy"
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=policy, dst_path=str(dst),
+            tracking_uri=resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir),
+        )
+    except Exception as exc:  # mlflow raises several types for unknown runs and paths
+        raise FileNotFoundError(f"agent.policy = {policy!r}: cannot download it from MLflow: {exc}") from None
+    log.info("agent.policy %s downloaded to %s", policy, local)
+    return cfg.agent.model_copy(update={"policy": local})
 
 
 def mixer_kwargs(cfg: ExperimentConfig, env: Any) -> dict[str, Any]:
@@ -443,7 +469,13 @@ def remove_file_log(handler: logging.Handler) -> None:
     handler.close()
 
 
-def run_local(cfg: ExperimentConfig, resume: Path | None = None) -> dict[str, Any]:
+def run_local(
+    cfg: ExperimentConfig,
+    resume: Path | None = None,
+    *,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run a whole experiment in this process, without Ray (the debugging path)."""
     run_dir, ckpt_path = prepare_run_dir(cfg, resume)
     handler = add_file_log(run_dir)
@@ -452,10 +484,10 @@ def run_local(cfg: ExperimentConfig, resume: Path | None = None) -> dict[str, An
     status = "FAILED"
     try:
         env = build_env(cfg)
-        mixer = build_local_mixer(cfg, env)
+        mixer = build_local_mixer(cfg, env, run_dir)
         from ray_jobs.tracking import make_sink
 
-        sink = make_sink(cfg, rank=0, run_dir=run_dir)
+        sink = make_sink(cfg, 0, run_dir=run_dir, parent_run_id=parent_run_id, tags=tags)
         loop = RunLoop(cfg, env, mixer, run_dir, sink=sink)
         if ckpt_path is not None:
             loop.restore(load_checkpoint(ckpt_path))

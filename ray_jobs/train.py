@@ -35,6 +35,7 @@ from ray_jobs.driver import (
     mixer_kwargs,
     prepare_run_dir,
     remove_file_log,
+    resolve_policy,
 )
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     status = "FAILED"
     try:
         if rank == 0:
-            mixer = _make_mixer(cfg, env)
+            mixer = _make_mixer(cfg, env, run_dir)
             sink = make_sink(cfg, 0, run_dir=run_dir, parent_run_id=config.get("parent_run_id"),
                              tags=config.get("tags"))
         loop = RunLoop(cfg, env, mixer, run_dir, sink=sink, rank=rank, world_size=world,
@@ -163,17 +164,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             remove_file_log(handler)
 
 
-def _make_mixer(cfg: ExperimentConfig, env: Any) -> Any:
+def _make_mixer(cfg: ExperimentConfig, env: Any, run_dir: Path) -> Any:
     """The agent as a Ray actor when Ray is up (a cluster run), in-process otherwise (local mode)."""
     import ray
 
     if not ray.is_initialized():
-        return build_local_mixer(cfg, env)
+        return build_local_mixer(cfg, env, run_dir)
     from ray_jobs.agent_actor import AgentActorSpec, RemoteMixer
 
     kwargs = mixer_kwargs(cfg, env)
     spec = AgentActorSpec(
-        agent_cfg=cfg.agent,
+        agent_cfg=resolve_policy(cfg, run_dir),
         observation_space=kwargs.pop("observation_space"),
         action_space=kwargs.pop("action_space"),
         mixer_kwargs=kwargs,
