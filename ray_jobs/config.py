@@ -70,19 +70,28 @@ class ProxyConfig(StrictModel):
 
 
 class TuneConfig(StrictModel):
-    """`acodm tune`: a Ray Tune sweep over dotted config fields."""
+    """`acodm tune`: a Ray Tune sweep over dotted config fields (parsed and checked by ``ray_jobs.tune``)."""
 
-    param_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    param_space: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Dotted field -> one of {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]} "
+        "(inclusive), {choice: [...]}, {grid: [...]}.",
+    )
     num_samples: int = Field(4, gt=0)
     scheduler: Literal["asha", "pbt", "none"] = "asha"
     search_alg: Literal["random", "optuna"] = "random"
     max_concurrent_trials: int = Field(2, gt=0)
-    trial_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    trial_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 0.01},
+        description="The Tune trial's own resources (it only drives its Ray Train run, whose workers take "
+        "ray.resources_per_worker).",
+    )
     metric: str = "val/mean_ppl"
     mode: Literal["min", "max"] = "min"
     grace_period: int = Field(1, gt=0, description="ASHA: evaluations before a trial may be stopped.")
     reduction_factor: float = Field(2.0, gt=1)
     perturbation_interval: int = Field(2, gt=0, description="PBT: evaluations between perturbations.")
+    pbt_synch: bool = Field(True, description="PBT: rank and perturb the whole population at once.")
 
 
 class ExperimentConfig(StrictModel):

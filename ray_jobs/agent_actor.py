@@ -1,0 +1,452 @@
+"""The data-mixing agent as a Ray actor, so the LM never waits for an agent update.
+
+``AgentActor`` is a thin wrapper that builds any ``Mixer`` (``agents.build_mixer`` by default) and
+delegates ``act``, ``observe``, ``update``, ``state_dict`` and ``load_state_dict`` to it. What it adds is
+scheduling:
+
+* ``observe`` records the transition at once (so the next ``act`` sees it, which the ODM bandits and
+  the AC-ODM warmup need) and queues one ``update()``. The update is released to a background thread
+  when the next ``act`` has been answered (or at the next ``observe``/``drain``): the train loop sends
+  ``observe(t)`` then ``act(t+1)`` back to back, so starting the update earlier would make that ``act``
+  wait for it. Released this way, update ``t`` runs while the LM trains step ``t+1``.
+* ``act`` is answered from the latest finished policy: in the steady state the policy lags the local
+  loop by one update, and ``act`` waits only when an update takes longer than an LM step (at most for
+  the one ``update()`` call in flight: the actor's lock keeps a half-applied optimiser step from being
+  read, and the update thread yields to a waiting caller before starting the next queued update).
+* ``drain()`` releases and runs every queued update; ``state_dict()`` drains first, so a checkpoint
+  holds the agent after every transition the run has sent it, and ``act`` after ``drain`` equals the
+  local mixer's ``act`` exactly.
+
+Ray runs the calls of one caller in submission order on this synchronous actor (``max_concurrency=1``),
+so ``observe`` then ``act`` from the train loop always happen in that order. The class is plain Python
+(not decorated) so it also runs in-process; ``create_agent_actor`` turns it into a Ray actor with
+``ray.agent_resources``. ``RemoteMixer`` is the client side: it exposes the ``Mixer`` methods over an
+actor handle (blocking ``act``/``state_dict``, fire-and-forget ``observe``) and can ``restart`` a dead
+actor from a checkpointed state, so the run loop treats a local and a remote mixer alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import ray
+
+from ray_jobs.cluster import ray_options
+
+log = logging.getLogger(__name__)
+
+MixerFactory = Callable[..., Any]
+# Fire-and-forget observe results kept before the oldest finished ones are checked for errors.
+_MAX_INFLIGHT_OBSERVES = 64
+_BACKLOG_WARNING = 16
+
+
+class AgentActorDiedError(RuntimeError):
+    """The agent actor is gone (killed, crashed, node lost); ``RemoteMixer.restart`` brings it back."""
+
+
+class AgentUpdateError(RuntimeError):
+    """A background ``update()`` raised; the original exception is the ``__cause__``."""
+
+
+class AgentActor:
+    """Delegates to one ``Mixer`` and runs its updates on a background thread.
+
+    Args:
+        agent_cfg: the ``AgentConfig`` (first argument of the factory).
+        observation_space: the env's observation space.
+        action_space: the env's action space.
+        mixer_factory: builds the mixer from ``(agent_cfg, observation_space, action_space, **mixer_kwargs)``;
+            default ``agents.build_mixer``. Must be picklable when the actor is remote.
+        auto_update: True: every ``observe`` queues one background ``update()`` (the Ray mode).
+            False: nothing runs by itself and the caller calls ``update()`` (the exact, in-order mode).
+        num_threads: ``torch.set_num_threads`` in this process (None leaves torch's default).
+        **mixer_kwargs: passed through to the factory (``seed``, ``domain_names``, ``total_steps``, ...).
+    """
+
+    def __init__(
+        self,
+        agent_cfg: Any,
+        observation_space: Any,
+        action_space: Any,
+        *,
+        mixer_factory: MixerFactory | None = None,
+        auto_update: bool = True,
+        num_threads: int | None = None,
+        **mixer_kwargs: Any,
+    ) -> None:
+        if num_threads is not None:
+            import torch
+
+            torch.set_num_threads(int(num_threads))
+        if mixer_factory is None:
+            from agents.base import build_mixer
+
+            mixer_factory = build_mixer
+        self._mixer = mixer_factory(agent_cfg, observation_space, action_space, **mixer_kwargs)
+        self._auto_update = bool(auto_update)
+        self._mixer_lock = threading.Lock()  # held while the mixer runs any method
+        self._state = threading.Condition()  # guards the counters below
+        self._queued = 0  # updates observed but not yet released to the update thread
+        self._pending = 0  # updates released and not finished
+        self._foreground_waiting = 0  # act/observe/... calls waiting for the mixer lock
+        self._observed = 0
+        self._updates_done = 0
+        self._update_s = 0.0
+        self._latest: dict[str, float] = {}
+        self._fresh = False  # an update finished since the last poll_metrics()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._update_loop, name="agent-update", daemon=True)
+        self._thread.start()
+
+    # -- the Mixer methods -----------------------------------------------------------------------------
+    def act(self, obs: np.ndarray, explore: bool = True) -> np.ndarray:
+        """The next mixture from the latest policy (waits for at most the update in flight)."""
+        with self._foreground():
+            weights = self._mixer.act(obs, explore=explore)
+        self._release()
+        return weights
+
+    def observe(
+        self,
+        obs: np.ndarray,
+        weights: np.ndarray,
+        reward: Any,
+        next_obs: np.ndarray,
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record the transition now; queue one background ``update()`` when ``auto_update``."""
+        with self._foreground():
+            self._mixer.observe(obs, weights, reward, next_obs, {} if info is None else info)
+        with self._state:
+            self._observed += 1
+            if self._auto_update:
+                self._pending += self._queued  # an earlier transition no act has released yet
+                self._queued = 1
+                if self._pending + self._queued == _BACKLOG_WARNING:
+                    log.warning("agent updates are %d transitions behind the LM", _BACKLOG_WARNING)
+                self._state.notify_all()
+
+    def update(self) -> dict[str, float]:
+        """Run one ``update()`` now, in the caller's order (the ``auto_update=False`` mode)."""
+        start = time.perf_counter()
+        with self._foreground():
+            metrics = dict(self._mixer.update())
+        self._record_update(metrics, time.perf_counter() - start)
+        return metrics
+
+    def state_dict(self, drain: bool = True) -> dict[str, Any]:
+        """The mixer's full state; by default after every queued update has run."""
+        if drain:
+            self.drain()
+        with self._foreground():
+            return self._mixer.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Drain the queue, then restore the mixer from ``state``."""
+        self.drain()
+        with self._foreground():
+            self._mixer.load_state_dict(state)
+        with self._state:
+            self._latest, self._fresh = {}, False
+
+    # -- scheduling ------------------------------------------------------------------------------------
+    def drain(self, timeout_s: float | None = None) -> int:
+        """Release every queued update and block until none is left; returns the updates done so far.
+
+        Raises:
+            TimeoutError: updates still pending after ``timeout_s``.
+            AgentUpdateError: a background update failed.
+        """
+        with self._state:
+            self._pending, self._queued = self._pending + self._queued, 0
+            self._state.notify_all()
+            done = self._state.wait_for(
+                lambda: self._pending == 0 or self._error is not None or self._closed, timeout_s
+            )
+            self._raise_if_failed()
+            if self._pending and self._closed:
+                raise RuntimeError(f"agent actor closed with {self._pending} updates not run")
+            if not done:
+                raise TimeoutError(f"agent updates still pending after {timeout_s} s: {self._pending} queued")
+            return self._updates_done
+
+    def latest_metrics(self) -> dict[str, float]:
+        """The metrics of the last finished update ({} before the first)."""
+        with self._state:
+            return dict(self._latest)
+
+    def poll_metrics(self) -> dict[str, float]:
+        """The last update's metrics if an update finished since the previous poll, else {}."""
+        with self._state:
+            self._raise_if_failed()
+            fresh, self._fresh = self._fresh, False
+            return dict(self._latest) if fresh else {}
+
+    def stats(self) -> dict[str, float]:
+        """Counters: transitions observed, updates done and pending, seconds spent updating."""
+        with self._state:
+            return {
+                "observed": float(self._observed),
+                "updates_done": float(self._updates_done),
+                "pending": float(self._pending + self._queued),
+                "update_s": self._update_s,
+            }
+
+    def close(self) -> None:
+        """Stop the update thread after the update in flight (queued ones are dropped)."""
+        with self._state:
+            self._closed = True
+            self._state.notify_all()
+        self._thread.join()
+
+    @contextlib.contextmanager
+    def _foreground(self) -> Iterator[None]:
+        """Hold the mixer lock for a caller, asking the update thread to yield before its next update."""
+        with self._state:
+            self._raise_if_failed()
+            self._foreground_waiting += 1
+        try:
+            with self._mixer_lock:
+                yield
+        finally:
+            with self._state:
+                self._foreground_waiting -= 1
+                self._state.notify_all()
+
+    def _release(self) -> None:
+        """Hand the queued update(s) to the update thread (after an ``act`` was answered)."""
+        with self._state:
+            if self._queued:
+                self._pending, self._queued = self._pending + self._queued, 0
+                self._state.notify_all()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise AgentUpdateError(f"a background agent update failed: {self._error!r}") from self._error
+
+    def _record_update(self, metrics: dict[str, float], seconds: float) -> None:
+        with self._state:
+            self._updates_done += 1
+            self._update_s += seconds
+            self._latest, self._fresh = metrics, True
+
+    def _update_loop(self) -> None:
+        while True:
+            with self._state:
+                self._state.wait_for(
+                    lambda: self._closed or (self._pending > 0 and self._foreground_waiting == 0)
+                )
+                if self._closed:
+                    return
+            start = time.perf_counter()
+            try:
+                with self._mixer_lock:
+                    metrics = dict(self._mixer.update())
+            except BaseException as exc:  # surfaced to the next caller; the thread stops
+                log.exception("agent update failed")
+                with self._state:
+                    self._error, self._pending, self._queued = exc, 0, 0
+                    self._state.notify_all()
+                return
+            self._record_update(metrics, time.perf_counter() - start)
+            with self._state:
+                self._pending -= 1
+                self._state.notify_all()
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentActorSpec:
+    """Everything needed to (re)create the agent actor; picklable, so it can travel to Ray workers.
+
+    Attributes:
+        agent_cfg, observation_space, action_space, mixer_kwargs: the mixer's constructor arguments.
+        resources: ``ray.agent_resources`` (``CPU``, ``GPU``, ``memory``, custom resources).
+        mixer_factory: None = ``agents.build_mixer``.
+        auto_update: background updates after each ``observe`` (see ``AgentActor``).
+        num_threads: torch threads in the actor; None = max(1, the actor's CPUs rounded down).
+        name, namespace, detached: a named actor can be found with ``ray.get_actor``; a detached one
+            outlives the process that created it (its creator must ``close`` it).
+    """
+
+    agent_cfg: Any
+    observation_space: Any
+    action_space: Any
+    mixer_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    resources: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"CPU": 0.0})
+    mixer_factory: MixerFactory | None = None
+    auto_update: bool = True
+    num_threads: int | None = None
+    name: str | None = None
+    namespace: str | None = None
+    detached: bool = False
+
+    def actor_options(self) -> dict[str, Any]:
+        """``ray.remote(...).options`` keywords: resources, no Ray restarts (we restore from checkpoints)."""
+        opts = ray_options(self.resources)
+        opts.update(max_restarts=0, max_concurrency=1)
+        if self.name is not None:
+            opts["name"] = self.name
+        if self.namespace is not None:
+            opts["namespace"] = self.namespace
+        if self.detached:
+            opts["lifetime"] = "detached"
+        return opts
+
+
+def create_agent_actor(spec: AgentActorSpec, state: Mapping[str, Any] | None = None) -> Any:
+    """Start an agent actor from ``spec``; with ``state``, load it before returning (recovery path).
+
+    Returns:
+        The actor handle (picklable: pass it to Ray Train workers in ``train_loop_config``).
+    """
+    opts = spec.actor_options()
+    threads = spec.num_threads
+    if threads is None:
+        threads = max(1, int(opts["num_cpus"]))
+    handle = (
+        ray.remote(AgentActor)
+        .options(**opts)
+        .remote(
+            spec.agent_cfg,
+            spec.observation_space,
+            spec.action_space,
+            mixer_factory=spec.mixer_factory,
+            auto_update=spec.auto_update,
+            num_threads=threads,
+            **dict(spec.mixer_kwargs),
+        )
+    )
+    if state is not None:
+        _get(handle.load_state_dict.remote(state))
+    return handle
+
+
+def _get(refs: Any, timeout_s: float | None = None) -> Any:
+    """``ray.get`` that turns a dead actor into ``AgentActorDiedError``."""
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.RayActorError as exc:
+        raise AgentActorDiedError(f"the agent actor died: {exc}") from exc
+    except ray.exceptions.GetTimeoutError as exc:
+        raise TimeoutError(f"the agent actor did not answer within {timeout_s} s") from exc
+
+
+class RemoteMixer:
+    """The ``Mixer`` methods over an agent actor handle, for the run loop.
+
+    ``act``, ``state_dict``, ``load_state_dict`` block; ``observe`` does not (its result is checked at
+    the next ``act``, so an error in it still surfaces). ``update`` does not train: the actor updates
+    by itself after each ``observe`` (``auto_update``); it returns the metrics of updates that finished
+    since the previous call ({} if none), which is what the ledger's ``agent/*`` columns want. With
+    ``auto_update=False`` it runs one update remotely and waits for it.
+
+    Picklable (the spec and the handle travel; in-flight results do not), so the same object can go
+    into ``train_loop_config``.
+    """
+
+    def __init__(self, spec: AgentActorSpec, handle: Any | None = None, *, timeout_s: float | None = None):
+        self.spec = spec
+        self.timeout_s = timeout_s
+        self.handle = create_agent_actor(spec) if handle is None else handle
+        self._inflight: list[Any] = []
+
+    @property
+    def kind(self) -> str:
+        """The mixer kind (``agent.kind``), as on a local mixer."""
+        return str(getattr(self.spec.agent_cfg, "kind", "unknown"))
+
+    @property
+    def domain_names(self) -> list[str]:
+        """The K domain names the mixer was built with."""
+        return list(self.spec.mixer_kwargs.get("domain_names", []))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec, "timeout_s": self.timeout_s, "handle": self.handle}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._inflight = []
+
+    def act(self, obs: np.ndarray, *, explore: bool = True) -> np.ndarray:
+        """The next mixture; also surfaces an error from an earlier ``observe``."""
+        refs = [*self._inflight, self.handle.act.remote(obs, explore)]
+        self._inflight = []
+        return _get(refs, self.timeout_s)[-1]
+
+    def observe(
+        self,
+        obs: np.ndarray,
+        weights: np.ndarray,
+        reward: Any,
+        next_obs: np.ndarray,
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Send the transition without waiting."""
+        self._inflight.append(self.handle.observe.remote(obs, weights, reward, next_obs, info))
+        if len(self._inflight) > _MAX_INFLIGHT_OBSERVES:
+            done, self._inflight = ray.wait(self._inflight, num_returns=len(self._inflight), timeout=0)
+            _get(done)
+
+    def update(self) -> dict[str, float]:
+        """Metrics of updates finished since the last call (auto mode), or one remote update."""
+        method = self.handle.poll_metrics if self.spec.auto_update else self.handle.update
+        refs = [*self._inflight, method.remote()]
+        self._inflight = []
+        return _get(refs, self.timeout_s)[-1]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The agent's full state after every queued update (for checkpoints)."""
+        return _get(self.handle.state_dict.remote(True), self.timeout_s)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the actor's mixer from ``state``."""
+        _get(self.handle.load_state_dict.remote(state), self.timeout_s)
+
+    def drain(self) -> int:
+        """Wait for the actor's queued updates; returns the number of updates done."""
+        return _get(self.handle.drain.remote(), self.timeout_s)
+
+    def latest_metrics(self) -> dict[str, float]:
+        """The last finished update's metrics."""
+        return _get(self.handle.latest_metrics.remote(), self.timeout_s)
+
+    def stats(self) -> dict[str, float]:
+        """The actor's counters (``AgentActor.stats``)."""
+        return _get(self.handle.stats.remote(), self.timeout_s)
+
+    def restart(self, state: Mapping[str, Any] | None) -> None:
+        """Replace the actor (dead or alive) with a new one loaded from ``state`` (e.g. the last checkpoint)."""
+        with contextlib.suppress(Exception):
+            ray.kill(self.handle, no_restart=True)
+        self._inflight = []
+        if self.spec.name is not None:
+            _wait_name_free(self.spec.name, self.spec.namespace)
+        self.handle = create_agent_actor(self.spec, state)
+        log.warning("agent actor recreated%s", "" if state is None else " from the checkpointed state")
+
+    def close(self) -> None:
+        """Kill the actor (its queued updates are dropped)."""
+        with contextlib.suppress(Exception):
+            ray.kill(self.handle, no_restart=True)
+        self._inflight = []
+
+
+def _wait_name_free(name: str, namespace: str | None, timeout_s: float = 10.0) -> None:
+    """Wait until a killed named actor's name is released, so its replacement can take it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=namespace)
+        except ValueError:  # no live actor holds the name
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"agent actor name {name!r} still taken {timeout_s} s after the old actor was killed")

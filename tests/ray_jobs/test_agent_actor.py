@@ -1,0 +1,294 @@
+"""AgentActor / RemoteMixer: same outputs as the local mixer, updates off the caller's path, recovery
+from a state dict after the actor dies."""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+import numpy as np
+import pytest
+from gymnasium import spaces
+
+from ray_jobs.agent_actor import (
+    AgentActor,
+    AgentActorDiedError,
+    AgentActorSpec,
+    AgentUpdateError,
+    RemoteMixer,
+)
+from tests.ray_jobs.ray_helpers import LinearTestMixer, make_linear_mixer
+
+K, S = 4, 6
+OBS_SPACE = spaces.Box(-np.inf, np.inf, shape=(S,), dtype=np.float32)
+ACT_SPACE = spaces.Box(0.0, 1.0, shape=(K,), dtype=np.float32)
+NAMES = [f"d{i}" for i in range(K)]
+
+
+def _kwargs(**extra):
+    return {"seed": 7, "domain_names": NAMES, **extra}
+
+
+def _local(**extra) -> LinearTestMixer:
+    return make_linear_mixer(None, OBS_SPACE, ACT_SPACE, **_kwargs(**extra))
+
+
+def _actor(**extra) -> AgentActor:
+    auto = extra.pop("auto_update", True)
+    return AgentActor(
+        None, OBS_SPACE, ACT_SPACE, mixer_factory=make_linear_mixer, auto_update=auto, **_kwargs(**extra)
+    )
+
+
+def _spec(**extra) -> AgentActorSpec:
+    return AgentActorSpec(
+        None, OBS_SPACE, ACT_SPACE, mixer_kwargs=_kwargs(**extra), mixer_factory=make_linear_mixer
+    )
+
+
+def _trajectory(num_steps: int) -> list[tuple[np.ndarray, float]]:
+    rng = np.random.default_rng(123)
+    return [(rng.normal(size=S).astype(np.float32), float(rng.normal())) for _ in range(num_steps + 1)]
+
+
+def _run_local(num_steps: int) -> tuple[list[np.ndarray], list[dict]]:
+    mixer, traj = _local(), _trajectory(num_steps)
+    weights, metrics = [], []
+    for t in range(num_steps):
+        obs, reward = traj[t]
+        w = mixer.act(obs, explore=True)
+        mixer.observe(obs, w, reward, traj[t + 1][0], {})
+        metrics.append(mixer.update())
+        weights.append(w)
+    return weights, metrics
+
+
+# ----------------------------------------------------------------------------- in-process (no Ray)
+def test_sync_mode_matches_local_mixer_exactly() -> None:
+    expected_w, expected_m = _run_local(12)
+    actor, traj = _actor(auto_update=False), _trajectory(12)
+    for t in range(12):
+        obs, reward = traj[t]
+        w = actor.act(obs, True)
+        actor.observe(obs, w, reward, traj[t + 1][0], {})
+        assert actor.update() == expected_m[t]
+        np.testing.assert_array_equal(w, expected_w[t])
+    actor.close()
+
+
+def test_auto_mode_with_drain_matches_local_mixer_exactly() -> None:
+    expected_w, expected_m = _run_local(12)
+    actor, traj = _actor(), _trajectory(12)
+    for t in range(12):
+        obs, reward = traj[t]
+        w = actor.act(obs, True)
+        actor.observe(obs, w, reward, traj[t + 1][0], {})
+        assert actor.drain() == t + 1
+        assert actor.poll_metrics() == expected_m[t]
+        np.testing.assert_array_equal(w, expected_w[t])
+    assert actor.poll_metrics() == {}  # nothing new since the last poll
+    actor.close()
+
+
+def test_act_after_observe_does_not_wait_for_the_update() -> None:
+    actor, traj = _actor(update_sleep_s=0.5), _trajectory(2)
+    obs, reward = traj[0]
+    w = actor.act(obs, True)
+    start = time.monotonic()
+    actor.observe(obs, w, reward, traj[1][0], {})
+    actor.act(traj[1][0], True)  # the update is released only now
+    assert time.monotonic() - start < 0.25
+    assert actor.stats()["pending"] == 1
+    assert actor.drain() == 1
+    assert actor.stats()["update_s"] >= 0.5
+    actor.close()
+
+
+def test_act_waits_for_at_most_the_update_in_flight() -> None:
+    actor, traj = _actor(update_sleep_s=0.4), _trajectory(4)
+    for t in range(3):  # three transitions, no act in between: a backlog of 1.2 s of updates
+        actor.observe(traj[t][0], np.full(K, 1 / K), traj[t][1], traj[t + 1][0], {})
+    time.sleep(0.05)  # let the update thread start the first released update
+    start = time.monotonic()
+    actor.act(traj[3][0], True)
+    assert time.monotonic() - start < 0.75
+    assert actor.stats()["pending"] >= 1  # the act did not wait for the backlog
+    assert actor.drain() == 3
+    actor.close()
+
+
+def test_background_update_error_surfaces_to_the_caller() -> None:
+    actor, traj = _actor(fail_at_update=1), _trajectory(2)
+    obs, reward = traj[0]
+    actor.observe(obs, actor.act(obs, True), reward, traj[1][0], {})
+    with pytest.raises(AgentUpdateError, match="update 1 failed on purpose"):
+        actor.drain()
+    with pytest.raises(AgentUpdateError):
+        actor.act(obs, True)
+    actor.close()
+
+
+def test_state_dict_drains_queued_updates_first() -> None:
+    actor, traj = _actor(update_sleep_s=0.05), _trajectory(3)
+    for t in range(3):
+        actor.observe(traj[t][0], np.full(K, 1 / K), traj[t][1], traj[t + 1][0], {})
+    assert actor.state_dict()["num_updates"] == 3
+    actor.close()
+
+
+def test_spec_actor_options() -> None:
+    opts = AgentActorSpec(None, OBS_SPACE, ACT_SPACE, resources={"CPU": 0.5, "GPU": 0.1}).actor_options()
+    assert opts == {"num_cpus": 0.5, "num_gpus": 0.1, "max_restarts": 0, "max_concurrency": 1}
+    with pytest.raises(ValueError, match="ray.agent_resources"):
+        AgentActorSpec(None, OBS_SPACE, ACT_SPACE, resources={"CPU": -1}).actor_options()
+
+
+# ----------------------------------------------------------------------------- as a Ray actor
+@pytest.mark.slow
+@pytest.mark.ray
+def test_remote_mixer_matches_local_mixer_with_drain(ray_session) -> None:
+    expected_w, expected_m = _run_local(10)
+    remote, traj = RemoteMixer(_spec()), _trajectory(10)
+    try:
+        for t in range(10):
+            obs, reward = traj[t]
+            w = remote.act(obs, explore=True)
+            remote.observe(obs, w, reward, traj[t + 1][0], {})
+            remote.drain()
+            assert remote.update() == expected_m[t]  # metrics of the update that just finished
+            np.testing.assert_array_equal(w, expected_w[t])
+        assert remote.stats()["updates_done"] == 10
+    finally:
+        remote.close()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_observe_and_act_do_not_block_on_a_slow_update(ray_session) -> None:
+    update_s, lm_step_s = 0.5, 0.6
+    remote, traj = RemoteMixer(_spec(update_sleep_s=update_s)), _trajectory(4)
+    try:
+        remote.act(traj[0][0])  # warm the actor up (first call imports, builds)
+        caller_s = []
+        for t in range(4):
+            start = time.monotonic()
+            obs, reward = traj[t]
+            w = remote.act(obs)
+            remote.observe(obs, w, reward, traj[t + 1][0], {})
+            caller_s.append(time.monotonic() - start)
+            time.sleep(lm_step_s)  # the LM step, during which the agent updates
+        remote.act(traj[4][0])
+        assert remote.drain() == 4
+        # an update takes 0.5 s; the caller's act+observe never waited for one
+        assert max(caller_s) < 0.3, caller_s
+        assert remote.stats()["update_s"] >= 4 * update_s
+    finally:
+        remote.close()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_killed_actor_recreated_from_state_gives_the_same_next_action(ray_session) -> None:
+    import ray
+
+    remote, traj = RemoteMixer(_spec()), _trajectory(6)
+    try:
+        for t in range(5):
+            obs, reward = traj[t]
+            remote.observe(obs, remote.act(obs), reward, traj[t + 1][0], {})
+        state = remote.state_dict()
+        assert state["num_updates"] == 5
+        reference = _local()
+        reference.load_state_dict(state)
+        expected = reference.act(traj[5][0], explore=True)
+
+        ray.kill(remote.handle)
+        with pytest.raises(AgentActorDiedError):
+            remote.act(traj[5][0])
+        remote.restart(state)
+        np.testing.assert_array_equal(remote.act(traj[5][0]), expected)
+    finally:
+        remote.close()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_remote_mixer_travels_to_a_worker(ray_session) -> None:
+    """As through ``train_loop_config``: a worker uses the driver's actor through a pickled RemoteMixer."""
+    import ray
+
+    from agents.base import Mixer
+
+    remote = RemoteMixer(_spec())
+    assert isinstance(remote, Mixer) and remote.domain_names == NAMES
+    restored = pickle.loads(pickle.dumps(remote))
+    assert restored.handle == remote.handle
+
+    @ray.remote(num_cpus=0)
+    def act_in_worker(mixer: RemoteMixer, obs: np.ndarray) -> np.ndarray:
+        return mixer.act(obs)
+
+    try:
+        local, obs = _local(), _trajectory(1)[0][0]
+        first = ray.get(act_in_worker.remote(remote, obs))
+        np.testing.assert_array_equal(first, local.act(obs))
+        np.testing.assert_array_equal(remote.act(obs), local.act(obs))  # same actor, RNG advanced once
+    finally:
+        remote.close()
+
+
+# ----------------------------------------------------------------------------- the real AC-ODM mixer
+def _ac_odm_setup():
+    from agents.config import AgentConfig
+
+    cfg = AgentConfig(kind="ac_odm", hidden_width=16, num_hidden_layers=1, batch_size=4, warmup_fraction=0.2)
+    kwargs = {"seed": 3, "domain_names": NAMES, "total_steps": 10, "floor": 0.01}
+    return cfg, kwargs
+
+
+def _ac_odm_info(weights: np.ndarray, t: int) -> dict:
+    rng = np.random.default_rng(1000 + t)
+    return {"weights_K": weights, "reward_parts_K": rng.normal(size=K), "loss_K": rng.uniform(2, 4, size=K)}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The actor runs torch on 1 thread; match it here so float reductions are identical."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_remote_ac_odm_matches_local_and_recovers_from_a_kill(ray_session, one_torch_thread) -> None:
+    import ray
+
+    from agents.base import build_mixer
+
+    cfg, kwargs = _ac_odm_setup()
+    local = build_mixer(cfg, OBS_SPACE, ACT_SPACE, **kwargs)
+    remote = RemoteMixer(AgentActorSpec(cfg, OBS_SPACE, ACT_SPACE, mixer_kwargs=kwargs))  # agents.build_mixer
+    traj, seen = _trajectory(8), set()
+    try:
+        for t in range(6):  # 2 warmup decisions (ODM teacher), then the actor with exploration noise
+            obs, reward = traj[t]
+            w_local, w_remote = local.act(obs, explore=True), remote.act(obs, explore=True)
+            np.testing.assert_array_equal(w_remote, w_local)
+            info = _ac_odm_info(w_local, t)
+            local.observe(obs, w_local, reward, traj[t + 1][0], info)
+            remote.observe(obs, w_remote, reward, traj[t + 1][0], info)
+            remote.drain()
+            metrics = local.update()
+            assert remote.update() == metrics
+            seen.update(metrics)
+        assert {"agent/critic_loss", "agent/actor_loss"} <= seen  # real gradient updates ran
+        state = remote.state_dict()
+        ray.kill(remote.handle)
+        remote.restart(state)
+        np.testing.assert_array_equal(remote.act(traj[6][0]), local.act(traj[6][0]))
+    finally:
+        remote.close()
