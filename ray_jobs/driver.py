@@ -56,9 +56,22 @@ def _step_dirs(root: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
+    """The newest checkpoint directory (by step), or None."""
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None
+
+
+def load_latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The newest checkpoint of a run that loads completely, skipping (and logging) partial ones.
+
+    A checkpoint can be caught half-copied, e.g. when a worker dies while Ray Train persists it.
+    """
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            return load_checkpoint(path)
+        except (FileNotFoundError, ValueError) as exc:
+            log.warning("skipping checkpoint %s: %s", path, exc)
+    return None
 
 
 def write_checkpoint(
@@ -90,7 +103,8 @@ def write_checkpoint(
         torch.save(agent_state, tmp / "agent.pt")
     if ledger is not None:
         Ledger(tmp / LEDGER_FILE, ledger.rows).flush()
-    (tmp / "loop.json").write_text(json.dumps({**loop_state, "version": CKPT_VERSION}))
+    files = sorted(p.name for p in tmp.iterdir())
+    (tmp / "loop.json").write_text(json.dumps({**loop_state, "version": CKPT_VERSION, "files": files}))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -110,6 +124,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         loop = json.loads(loop_file.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"checkpoint {str(loop_file)!r} is corrupt: {exc}") from None
+    missing = [f for f in loop.get("files", []) if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete: missing {missing}")
     out: dict[str, Any] = {"loop": loop, "agent": None, "ledger_rows": None}
     if (path / LEDGER_FILE).exists():
         out["ledger_rows"] = Ledger.load(path / LEDGER_FILE).rows

@@ -32,6 +32,7 @@ from ray_jobs.driver import (
     build_local_mixer,
     finish_run,
     load_checkpoint,
+    load_latest_checkpoint,
     mixer_kwargs,
     prepare_run_dir,
     remove_file_log,
@@ -140,14 +141,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                              tags=config.get("tags"))
         loop = RunLoop(cfg, env, mixer, run_dir, sink=sink, rank=rank, world_size=world,
                        hooks=LoopHooks(on_report=_reporter(cfg), checkpoint_root=tmp_root))
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                state = load_checkpoint(Path(d))
-            log.info("rank %d: restoring from Ray Train checkpoint %s", rank, ckpt.path)
+        state = _restart_state(run_dir, rank)
+        if state is not None:
             loop.restore(state)
-        elif config.get("resume_from"):
-            loop.restore(load_checkpoint(Path(config["resume_from"])))
         loop.run()
         if rank == 0:
             finish_run(cfg, run_dir, mixer, sink)
@@ -162,6 +158,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             shutil.rmtree(tmp_root, ignore_errors=True)
         if handler is not None:
             remove_file_log(handler)
+
+
+def _restart_state(run_dir: Path, rank: int) -> dict[str, Any] | None:
+    """Where a (re)started worker group continues from.
+
+    Ray Train's latest registered checkpoint first; else the newest complete checkpoint in the run's
+    storage (a worker can die after its checkpoint was persisted but before Ray registered it, and a
+    ``--resume`` run starts with none registered).
+    """
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(Path(d))
+        log.info("rank %d: restoring from Ray Train checkpoint %s", rank, ckpt.path)
+        return state
+    state = load_latest_checkpoint(run_dir)
+    if state is not None:
+        log.info("rank %d: restoring from checkpoint step %d in %s", rank, state["loop"]["step"], run_dir)
+    return state
 
 
 def _make_mixer(cfg: ExperimentConfig, env: Any, run_dir: Path) -> Any:

@@ -167,7 +167,9 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(prepared: Path, tmp_p
     assert done.returncode == 0, done.stdout[-4000:]
     ledger = pd.read_parquet(run_dir / "ledger.parquet")
     assert list(ledger["step"]) == list(range(1, 17)), "every step exactly once after the restart"
-    assert "restoring from Ray Train checkpoint" in (run_dir / "run.log").read_text()
+    log_text = (run_dir / "run.log").read_text()
+    assert "resumed at step" in log_text, log_text[-3000:]
+    assert log_text.count("built tiny") == 2, "the worker group restarted once, from the checkpoint"
 
 
 def test_killed_agent_actor_is_recreated_from_the_checkpoint(prepared: Path, tmp_path: Path) -> None:
