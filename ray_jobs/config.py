@@ -246,6 +246,34 @@ def save_config(cfg: ExperimentConfig, path: str | os.PathLike[str]) -> None:
     os.replace(tmp, p)
 
 
+def absolute_paths(cfg: ExperimentConfig, base: str | os.PathLike[str] | None = None) -> ExperimentConfig:
+    """The config with its local filesystem paths made absolute (against ``base``, default the cwd).
+
+    Ray Train V2 runs workers in another working directory, so every path a worker reads must be
+    absolute: ``output_dir``, ``data.prepared_dir``, ``data.tokenizer.path``, local source paths,
+    ``ray.storage_path`` (when local), ``agent.policy`` (when a local file) and a relative sqlite URI.
+    """
+    root = Path(base or os.getcwd())
+
+    def fix(path: str | None) -> str | None:
+        if path is None or "://" in path or path.startswith(("runs:/", "models:/", "mlflow-artifacts:")):
+            return path
+        return str(path if Path(path).is_absolute() else (root / path))
+
+    data = cfg.to_dict()
+    data["output_dir"] = fix(data["output_dir"])
+    data["data"]["prepared_dir"] = fix(data["data"]["prepared_dir"])
+    data["data"]["tokenizer"]["path"] = fix(data["data"]["tokenizer"]["path"])
+    for domain in data["data"]["domains"]:
+        domain["source"]["paths"] = [fix(p) for p in domain["source"]["paths"]]
+    data["ray"]["storage_path"] = fix(data["ray"]["storage_path"])
+    data["agent"]["policy"] = fix(data["agent"]["policy"])
+    uri = data["tracking"]["mlflow_uri"]
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        data["tracking"]["mlflow_uri"] = "sqlite:///" + str(root / uri[len("sqlite:///"):])
+    return ExperimentConfig.from_dict(data)
+
+
 def flatten(data: dict[str, Any] | StrictModel, prefix: str = "") -> dict[str, Any]:
     """Flatten nested dicts to dotted names; lists stay values (``data.domains`` becomes one entry)."""
     if isinstance(data, StrictModel):

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.config import ExperimentConfig
+from ray_jobs.config import ExperimentConfig, absolute_paths
 from ray_jobs.driver import (
     LoopHooks,
     RunLoop,
@@ -248,7 +248,7 @@ def build_trainer(
         callbacks=callbacks,
     )
     loop_config = {
-        "experiment": cfg.to_dict(),
+        "experiment": absolute_paths(cfg).to_dict(),  # workers run in another working directory
         "run_dir": str(Path(run_dir).resolve()),
         "resume_from": str(Path(resume_from).resolve()) if resume_from else None,
         "parent_run_id": parent_run_id,

@@ -43,12 +43,17 @@ print("RESULT " + json.dumps({"address": address, "driver": ray_jobs.__file__, "
 """
 
 
-def _working_dir(root: Path) -> Path:
-    """A small working dir: the project's top-level packages (sources only) and the job script."""
+def _working_dir(root: Path, experiment: dict | None = None) -> Path:
+    """A small working dir: the project's top-level packages (sources only), the job script and,
+    optionally, an experiment config ``exp.yaml``."""
     root.mkdir()
     for name in PACKAGES:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (root / "job_check.py").write_text(JOB_SCRIPT)
+    if experiment is not None:
+        import yaml
+
+        (root / "exp.yaml").write_text(yaml.safe_dump(experiment))
     return root
 
 
@@ -66,7 +71,16 @@ def _ray_cli(head: LocalRayHead, *args: str, timeout_s: float) -> subprocess.Com
 @pytest.mark.slow
 @pytest.mark.ray
 def test_job_submit_runs_the_project_on_a_private_head(tmp_path: Path, ray_session) -> None:
-    workdir = _working_dir(tmp_path / "wd")
+    from tests.envs.lm_fixtures import make_synthetic_corpus
+    from tests.ray_jobs.test_driver import DOMAINS, experiment
+
+    make_synthetic_corpus(tmp_path / "prepared", domain_names=DOMAINS, train_tokens=6000, val_tokens=1200)
+    exp = experiment(tmp_path / "prepared", tmp_path / "runs", **{
+        "ray.enabled": True, "ray.num_workers": 1, "ray.resources_per_worker": {"CPU": 0.9},
+        "agent.kind": "ac_odm", "agent.hidden_width": 32, "agent.num_hidden_layers": 2, "agent.batch_size": 4,
+        "train.total_steps": 8, "tracking.enabled": True, "tracking.experiment_name": "job-submit",
+    })
+    workdir = _working_dir(tmp_path / "wd", exp)
     submission_id = f"acodm-test-{uuid.uuid4().hex[:8]}"
     timings = {}
     start = time.monotonic()
@@ -91,6 +105,17 @@ def test_job_submit_runs_the_project_on_a_private_head(tmp_path: Path, ray_sessi
         assert JobSubmissionClient(head.dashboard_url).get_job_status(submission_id) == JobStatus.SUCCEEDED
         result_line = next(line for line in submitted.stdout.splitlines() if line.startswith("RESULT "))
         result = json.loads(result_line[len("RESULT ") :])
+        # the real job: `acodm train` (as `python -m ray_jobs`, the packages travel with the working dir)
+        t0 = time.monotonic()
+        train_id = f"{submission_id}-train"
+        trained = _ray_cli(
+            head, "submit", "--address", head.dashboard_url, "--submission-id", train_id,
+            "--working-dir", str(workdir), "--", "python", "-m", "ray_jobs", "train", "exp.yaml",
+            timeout_s=600,
+        )  # fmt: skip
+        timings["train_job_s"] = time.monotonic() - t0
+        assert trained.returncode == 0, trained.stdout[-4000:] + trained.stderr[-3000:]
+        assert JobSubmissionClient(head.dashboard_url).get_job_status(train_id) == JobStatus.SUCCEEDED
     finally:
         t0 = time.monotonic()
         head.stop()
@@ -104,6 +129,13 @@ def test_job_submit_runs_the_project_on_a_private_head(tmp_path: Path, ray_sessi
         assert "working_dir_files" in result[key] and str(head.temp_dir) in result[key], result
     assert result["address"] is not None  # the job supervisor's RAY_ADDRESS
     assert result["asked"] == {"CPU": 1.0}
+    # the submitted training run is in MLflow, finished, with its metrics
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}")
+    (run,) = client.search_runs([client.get_experiment_by_name("job-submit").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert {"val/mean_ppl", "env/reward", "agent/critic_loss"} <= set(run.data.metrics)
     # only this test's cluster is gone: its session is empty, the shared fixture's Ray still works
     assert head.proc is not None and session_pids(head.proc.pid) == []
     assert not head.temp_dir.exists()
