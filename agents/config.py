@@ -44,6 +44,7 @@ class AgentConfig(_StrictModel):
     actor_lr: float = Field(1e-4, gt=0)
     critic_lr: float = Field(1e-3, gt=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine: final LR as a fraction of the base LR.")
     weight_decay: float = Field(0.0, ge=0)
     hidden_width: int = Field(1024, gt=0)
     num_hidden_layers: int = Field(5, gt=0)
