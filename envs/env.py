@@ -25,11 +25,12 @@ ENV_ID = "acodm/DataMixing-v0"
 
 
 def project_action(action_K: np.ndarray, floor: float) -> np.ndarray:
-    """Map an action to mixture weights: clip at 0, normalise, then mix with the floor.
+    """Map an action to mixture weights: clip at 0, normalise, then mix with the floor if needed.
 
-    ``w = floor + (1 - K floor) p`` with ``p = max(a, 0) / sum(max(a, 0))`` (uniform when every entry
-    is <= 0). Every weight is >= ``floor``, the weights sum to 1, and scaling the action does not
-    change the mixture.
+    ``p = max(a, 0) / sum(max(a, 0))`` (uniform when every entry is <= 0). If every ``p_i >= floor``
+    the mixture is used as is (so a mixer that already respects the floor, as every acodm mixer
+    does, gets exactly the weights it chose); otherwise ``w = floor + (1 - K floor) p``. Every weight
+    is >= ``floor``, the weights sum to 1, and scaling the action does not change the mixture.
 
     Raises:
         ValueError: ``K * floor >= 1``.
@@ -40,6 +41,8 @@ def project_action(action_K: np.ndarray, floor: float) -> np.ndarray:
         raise ValueError(f"action floor {floor} must be < 1/K = {1 / k:.4g} for K={k} domains")
     total = a.sum()
     p = a / total if total > 0 else np.full(k, 1.0 / k)
+    if p.min() >= floor:
+        return p
     return floor + (1.0 - k * floor) * p
 
 

@@ -161,6 +161,14 @@ def test_accepts_a_backend_instance_and_step_signals_compare_by_value():
         DataMixingEnv(backend=object())  # type: ignore[arg-type]
 
 
+def test_project_action_keeps_a_mixture_that_already_respects_the_floor():
+    w = np.array([0.05, 0.15, 0.3, 0.5])
+    np.testing.assert_array_equal(project_action(w, floor=0.05), w)
+    # below the floor: floor + (1 - K floor) p
+    np.testing.assert_allclose(project_action(np.array([0.0, 0.5, 0.5, 0.0]), floor=0.05),
+                               [0.05, 0.45, 0.45, 0.05])
+
+
 def test_project_action():
     w = project_action(np.array([2.0, 0.0, -1.0, 2.0]), floor=0.05)
     np.testing.assert_allclose(w, [0.05 + 0.8 * 0.5, 0.05, 0.05, 0.05 + 0.8 * 0.5])
