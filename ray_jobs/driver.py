@@ -451,6 +451,18 @@ def resolve_policy(cfg: ExperimentConfig, run_dir: Path | None) -> Any:
     return cfg.agent.model_copy(update={"policy": local})
 
 
+def warn_about_reward_coverage(cfg: ExperimentConfig) -> None:
+    """The alignment reward needs >= 2 domains with a gradient each step; say so when it may not have them."""
+    if cfg.agent.kind != "ac_odm" or cfg.agent.mode == "frozen":
+        return
+    if cfg.sampler.min_per_domain == 0:
+        log.warning(
+            "agent.kind=ac_odm with sampler.min_per_domain=0: steps whose micro-batches cover fewer than two "
+            "domains give no alignment reward (the agent skips them), and a concentrated mixture can stop "
+            "learning. The reference forces one micro-batch per domain: set sampler.min_per_domain: 1."
+        )
+
+
 def mixer_kwargs(cfg: ExperimentConfig, env: Any) -> dict[str, Any]:
     """Constructor arguments of a mixer for ``env`` (also used to build the agent Ray actor)."""
     backend = env.unwrapped.backend
@@ -496,6 +508,7 @@ def run_local(
     """Run a whole experiment in this process, without Ray (the debugging path)."""
     run_dir, ckpt_path = prepare_run_dir(cfg, resume)
     handler = add_file_log(run_dir)
+    warn_about_reward_coverage(cfg)
     env = None
     sink = None
     status = "FAILED"

@@ -37,6 +37,7 @@ from ray_jobs.driver import (
     prepare_run_dir,
     remove_file_log,
     resolve_policy,
+    warn_about_reward_coverage,
 )
 
 log = logging.getLogger(__name__)
@@ -275,6 +276,7 @@ def run_train(
     from ray_jobs.tracking import prepare_tracking, resolve_tracking_uri
 
     run_dir, ckpt = prepare_run_dir(cfg, resume)
+    warn_about_reward_coverage(cfg)
     check_storage(str(run_dir.resolve()), field="output_dir")
     if cfg.ray.storage_path is not None:
         check_storage(cfg.ray.storage_path)
