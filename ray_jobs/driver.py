@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
 CKPT_VERSION = 1
 PACKAGE_LOGGERS = ("envs", "agents", "ray_jobs", "analysis")
-RESUME_MAY_DIFFER = ("ray.", "tracking.", "checkpoint.keep_last", "train.log_interval")
+RESUME_MAY_DIFFER = ("ray.", "tracking.", "tune.", "proxy.", "checkpoint.keep_last", "train.log_interval")
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
