@@ -63,12 +63,14 @@ from envs.shards import (
 )
 from envs.text_sources import empty_domain_error, group_key, iter_routed_documents, source_fingerprint
 
-__all__ = ["ValSelector", "num_threads", "prepare_corpus"]
+__all__ = ["GroupRunner", "ValSelector", "num_threads", "prepare_corpus", "run_groups_locally"]
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_NAME = "tokenizer.json"
 T = TypeVar("T")
+# Prepares groups of domain jobs (domains sharing a source), yielding each group when it is finished.
+GroupRunner = Callable[[list[list[DomainJob]]], Iterator[list[DomainJob]]]
 
 
 @contextlib.contextmanager
@@ -234,7 +236,12 @@ def _check_length(entry: dict[str, Any], seq_len: int, val_fraction: float) -> N
 
 
 def prepare_corpus(
-    data_cfg: DataConfig, *, seq_len: int, seed: int, on_shard: ShardHook | None = None
+    data_cfg: DataConfig,
+    *,
+    seq_len: int,
+    seed: int,
+    on_shard: ShardHook | None = None,
+    run_groups: GroupRunner | None = None,
 ) -> dict:
     """Tokenize every configured domain into train/val shards and write ``manifest.json``.
 
@@ -246,6 +253,9 @@ def prepare_corpus(
         seq_len: training sequence length; every domain needs ``seq_len + 1`` tokens in each split.
         seed: seeds the validation split (and thereby the documents the BPE is trained on).
         on_shard: called as ``on_shard(domain, split, shard_index)`` after each shard is durable (tests).
+        run_groups: reads and encodes the documents of each group of jobs (domains sharing one source)
+            and yields each group once its jobs are finished, in order; default ``run_groups_locally``
+            (threads in this process). ``ray_jobs.data`` passes one that encodes with Ray Data.
 
     Returns:
         The manifest (also written to ``<prepared_dir>/manifest.json``).
@@ -284,11 +294,14 @@ def prepare_corpus(
                     job.reset()  # deletes the domain's stale shards, now that no manifest names them
                 resumed = f"resumed after {job.docs_consumed} documents" if ok else "prepared"
                 status[job.domain.name] = "up to date" if job.done else resumed
-            for group in _grouped(jobs, lambda job: job.domain):
-                started_group = time.perf_counter()
-                run_jobs(group)
-                for job in group:
-                    _check_and_log(job, seq_len, status[job.domain.name], time.perf_counter() - started_group)
+            started_group = time.perf_counter()
+            runner = (run_groups or run_groups_locally)(_grouped(jobs, lambda job: job.domain))
+            with contextlib.closing(runner):  # a failed check stops the runner's reading at once
+                for group in runner:
+                    for job in group:
+                        seconds = time.perf_counter() - started_group
+                        _check_and_log(job, seq_len, status[job.domain.name], seconds)
+                    started_group = time.perf_counter()
             entries = [job.entry() for job in jobs]
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -306,6 +319,13 @@ def prepare_corpus(
     elapsed = time.perf_counter() - started
     log.info("prepared %d domains, %d tokens in %s (%.1fs)", len(entries), total, out_dir, elapsed)
     return manifest
+
+
+def run_groups_locally(groups: list[list[DomainJob]]) -> Iterator[list[DomainJob]]:
+    """Prepare each group in this process (one pass over its source, threads encode); yield it when done."""
+    for group in groups:
+        run_jobs(group)
+        yield group
 
 
 def _grouped(items: list[T], domain_of: Callable[[T], DomainConfig]) -> list[list[T]]:

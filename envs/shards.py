@@ -100,7 +100,7 @@ class ValSelector:
         return math.floor((doc_index + 1) * f + u) > math.floor(doc_index * f + u)
 
 
-def _encode_chunk(
+def encode_chunk(
     tokenizer: Any, texts: list[str], eos_id: int, dtype: np.dtype
 ) -> tuple[list[np.ndarray], int]:
     """Token ids of each text with EOS appended, and the chunk's UTF-8 bytes (runs in a worker thread)."""
@@ -264,19 +264,17 @@ class DomainJob:
 
     def _submit(self) -> None:
         ctx = self.ctx
-        self._pending.append(
-            ctx.pool.submit(_encode_chunk, ctx.tokenizer, self._chunk, ctx.eos_id, ctx.dtype)
-        )
+        self._pending.append(ctx.pool.submit(encode_chunk, ctx.tokenizer, self._chunk, ctx.eos_id, ctx.dtype))
         self._chunk, self._chunk_chars = [], 0
         if len(self._pending) >= 2 * ctx.threads:  # keep every thread busy while the reader runs ahead
-            self._absorb(*self._pending.popleft().result())
+            self.absorb(*self._pending.popleft().result())
 
     def finish(self) -> None:
         """Encode what is left, write the last (short) shards and mark the domain done."""
         if self._chunk:
             self._submit()
         while self._pending:
-            self._absorb(*self._pending.popleft().result())
+            self.absorb(*self._pending.popleft().result())
         if self.docs_consumed == 0:
             raise empty_domain_error(self.domain)
         before = {s: len(w.shards) for s, w in self.writers.items()}
@@ -286,7 +284,12 @@ class DomainJob:
         self._checkpoint()
         self._notify(before)
 
-    def _absorb(self, ids_list: list[np.ndarray], num_bytes: int) -> None:
+    def absorb(self, ids_list: list[np.ndarray], num_bytes: int) -> None:
+        """Route the next encoded documents (EOS appended, reading order) to train/val; write full shards.
+
+        ``num_bytes`` is their UTF-8 text size. Also the entry point for documents encoded elsewhere
+        (``ray_jobs.data`` encodes with Ray Data): call ``start`` first and ``finish`` after the last.
+        """
         before = {s: len(w.shards) for s, w in self.writers.items()}
         val, cap = self.writers["val"], self.ctx.data_cfg.val_max_tokens
         for ids in ids_list:

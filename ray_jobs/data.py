@@ -8,16 +8,18 @@ Pipeline (one Ray Data execution for every unfinished domain, in config order):
    (a domain's glob over 100 files reads in 100 tasks), each calling the project's own reader
    (``envs.text_sources.iter_routed_documents``) on that one file. So every format the local path reads
    (jsonl, jsonl.zst, parquet, txt, dotted fields, ``filter_column`` routing of a shared source) reads
-   the same here, with the same ``file:line`` errors. Ray Data's ``read_json``/``read_parquet`` were not
-   used: they infer one Arrow schema per block (a ``meta`` object whose keys vary between lines fails),
-   have no ``txt``-file-is-one-document or filter routing, and name no line in their errors, so the
-   documents would not be the local path's. A Hugging Face source, or a group with ``max_documents``
+   the same here, with the same ``file:line`` errors. Ray Data's ``read_json``/``read_parquet``/
+   ``read_text`` were not used: they parse with Arrow into per-block schemas rather than ``json.loads``
+   per line, have no "a txt file is one document", dotted-field, empty-text or filter routing rules, and
+   name no line in their errors, so neither the documents nor the errors would be the local path's. A Hugging Face source, or a group with ``max_documents``
    (which stops reading once every domain is full), is read in one task, in order, as locally.
 3. **Encode**: ``map_batches`` with ``Encoder``, a callable class, so each actor of the pool builds the
    ``tokenizers`` fast tokenizer once (from the JSON text shipped with the task, so remote nodes need no
    copy of ``tokenizer.json``) and encodes whole blocks with ``envs.shards.encode_chunk``, the local
-   path's own encoder (EOS after each document, the manifest's dtype). ``data.num_proc`` caps the pool
-   (0 = every CPU of the cluster).
+   path's own encoder (EOS after each document, the manifest's dtype). ``data.num_proc`` actors
+   (0 = autoscale up to every CPU of the cluster). Ray Data fuses the read into this operator
+   (``ReadDocument->MapBatches(Encoder)``), so each actor reads a file and encodes it, with no copy of
+   the text through the object store.
 4. **Write, on the driver**: ``preserve_order`` keeps the blocks in reading order, and the ordered token
    ids feed the local path's ``DomainJob`` (train/val split, shard cutting, ``progress.json`` checkpoints
    and resume, atomic writes, then ``manifest.json``). Shards cut a domain's token stream at fixed
@@ -49,6 +51,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
@@ -59,14 +63,24 @@ from envs.text_sources import iter_routed_documents, resolve_files
 from ray_jobs.cluster import connect
 from ray_jobs.config import ExperimentConfig
 
-__all__ = ["DocumentDatasource", "Encoder", "ReadPart", "prepare_with_ray", "run_groups_with_ray"]
+__all__ = [
+    "DocumentDatasource",
+    "Encoder",
+    "ReadPart",
+    "encoder_pool",
+    "prepare_with_ray",
+    "run_groups_with_ray",
+]
 
 log = logging.getLogger(__name__)
 
 _BLOCK_CHARS = 1 << 20  # text per block: enough to amortise a task round trip, small enough to balance
 _BLOCK_DOCS = 1024
 # Reader errors travel as rows (so they surface in reading order) and are raised again on the driver.
-_ERRORS: dict[str, type[Exception]] = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}
+_ERRORS: dict[str, type[Exception]] = {
+    c.__name__: c
+    for c in (ValueError, OSError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+}
 _READ_SCHEMA = pa.schema(
     [("group", pa.int32()), ("domain", pa.int32()), ("text", pa.large_string()), ("error", pa.string())]
 )
@@ -87,29 +101,28 @@ def prepare_with_ray(cfg: ExperimentConfig, *, on_shard: ShardHook | None = None
 
     Raises:
         ConnectionError: ``ray.address`` is unreachable.
-        FileNotFoundError, ValueError: as ``prepare_corpus`` (missing files, corrupt records, short domains).
+        ValueError: ``data.num_proc`` is more than the cluster's CPUs.
+        FileNotFoundError, ValueError: as ``prepare_corpus`` (missing files, corrupt records, short domains),
+            with the same messages.
     """
     with connect(cfg) as address:
-        import ray
-
-        num_cpus = int(ray.cluster_resources().get("CPU", 1))
-        num_encoders = cfg.data.num_proc if cfg.data.num_proc > 0 else max(1, num_cpus)
-        log.info(
-            "preparing %s with Ray Data (%s, up to %d encoder actors)",
-            cfg.data.prepared_dir, address or "local Ray", num_encoders,
-        )  # fmt: skip
-        runner = functools.partial(run_groups_with_ray, num_encoders=num_encoders)
+        pool = encoder_pool(cfg.data.num_proc)  # fails before any work if the cluster is too small
+        log.info("preparing %s with Ray Data on %s", cfg.data.prepared_dir, address or "a local Ray")
+        runner = functools.partial(run_groups_with_ray, pool=pool)
         return prepare_corpus(
             cfg.data, seq_len=cfg.lm.seq_len, seed=cfg.seed, on_shard=on_shard, run_groups=runner
         )
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def run_groups_with_ray(groups: list[list[DomainJob]], *, num_encoders: int) -> Iterator[list[DomainJob]]:
+def run_groups_with_ray(
+    groups: list[list[DomainJob]], *, pool: ray.data.ActorPoolStrategy
+) -> Iterator[list[DomainJob]]:
     """The ``run_groups`` of ``prepare_corpus`` on Ray Data: one ordered pass over every unfinished group.
 
-    Each group is yielded (for its length check) once the stream has moved past it; a job resumed from
-    ``progress.json`` drops its first ``docs_consumed`` documents again, as ``envs.shards.run_jobs`` does.
+    ``pool`` runs the encoder actors (``encoder_pool``). Each group is yielded (for its length check) once the stream has moved past it;
+    a job resumed from ``progress.json`` drops its first ``docs_consumed`` documents again, as
+    ``envs.shards.run_jobs`` does.
     """
     active = [[job for job in group if not job.done] for group in groups]
     skip = [[job.docs_consumed for job in jobs] for jobs in active]
@@ -125,7 +138,7 @@ def run_groups_with_ray(groups: list[list[DomainJob]], *, num_encoders: int) -> 
             yield groups[finished]
             finished += 1
 
-    for g, rows in _encoded_runs(active, num_encoders):
+    for g, rows in _encoded_runs(active, pool):
         yield from finish_before(g)
         _absorb_rows(active[g], skip[g], rows)
     yield from finish_before(len(groups))
@@ -152,7 +165,9 @@ def _absorb_rows(jobs: list[DomainJob], skip: list[int], rows: pa.Table) -> None
             job.absorb(ids_list, size)
 
 
-def _encoded_runs(active: list[list[DomainJob]], num_encoders: int) -> Iterator[tuple[int, pa.Table]]:
+def _encoded_runs(
+    active: list[list[DomainJob]], pool: ray.data.ActorPoolStrategy
+) -> Iterator[tuple[int, pa.Table]]:
     """Encoded rows in reading order, as ``(group index, rows of that group)`` runs."""
     parts = [
         part for g, jobs in enumerate(active) if jobs for part in read_parts(g, [job.domain for job in jobs])
@@ -160,8 +175,6 @@ def _encoded_runs(active: list[list[DomainJob]], num_encoders: int) -> Iterator[
     if not parts:
         return
     ctx = next(job for jobs in active for job in jobs).ctx
-    import ray
-
     with _ordered_data_context():
         ds = ray.data.read_datasource(DocumentDatasource(parts), override_num_blocks=len(parts))
         ds = ds.map_batches(
@@ -173,10 +186,10 @@ def _encoded_runs(active: list[list[DomainJob]], num_encoders: int) -> Iterator[
             },
             batch_size=None,  # one read block per call
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_encoders),
+            compute=pool,
             num_cpus=1,
         )
-        log.info("reading %d parts with Ray Data, encoding with up to %d actors", len(parts), num_encoders)
+        log.info("reading %d parts, encoding with %d-%d actors", len(parts), pool.min_size, pool.max_size)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if batch.num_rows == 0:
                 continue
@@ -186,12 +199,27 @@ def _encoded_runs(active: list[list[DomainJob]], num_encoders: int) -> Iterator[
                 yield int(group[start]), batch.slice(start, stop - start)
 
 
+def encoder_pool(num_encoders: int) -> ray.data.ActorPoolStrategy:
+    """``num_encoders`` actors of one CPU; 0 = autoscale from 1 up to every CPU of the cluster.
+
+    Raises:
+        ValueError: more actors than the cluster has CPUs (Ray would wait for them forever).
+    """
+    num_cpus = int(ray.cluster_resources().get("CPU", 0))
+    if num_encoders > num_cpus:
+        raise ValueError(
+            f"data.num_proc={num_encoders} asks for {num_encoders} encoder actors of 1 CPU each, but the Ray "
+            f"cluster has {num_cpus} CPUs; lower data.num_proc or set it to 0 (every CPU of the cluster)"
+        )
+    if num_encoders > 0:
+        return ray.data.ActorPoolStrategy(size=num_encoders)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, num_cpus))
+
+
 @contextlib.contextmanager
 def _ordered_data_context() -> Iterator[None]:
     """Ray Data keeps blocks in reading order (and shows progress bars on a terminal only) for the block."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
+    ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = sys.stderr.isatty()
@@ -285,8 +313,10 @@ def read_part_blocks(part: ReadPart) -> Iterable[pa.Table]:
             if chars >= _BLOCK_CHARS or len(texts) >= _BLOCK_DOCS:
                 yield _read_block(part.group, domains, texts)
                 domains, texts, chars = [], [], 0
-    except (ValueError, FileNotFoundError) as exc:
-        kind = "FileNotFoundError" if isinstance(exc, FileNotFoundError) else "ValueError"
+    except (ValueError, OSError) as exc:  # e.g. a corrupt line; raised again by the driver when it gets there
+        kind = type(exc).__name__
+        if kind not in _ERRORS:
+            kind = "OSError" if isinstance(exc, OSError) else "ValueError"
         yield _read_block(part.group, [*domains, -1], [*texts, str(exc)], error=kind)
         return
     if texts:
@@ -319,8 +349,6 @@ class Encoder:
         self.eos_id, self.dtype = eos_id, np.dtype(dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import pyarrow.compute as pc
-
         texts = batch.column("text").to_pylist()
         errors = batch.column("error").to_pylist()
         documents = [t for t, e in zip(texts, errors, strict=True) if e is None]
