@@ -257,7 +257,7 @@ def _readme_docs(dists: list[tuple[str, metadata.Distribution]]) -> list[Doc]:
         text = (
             body
             if isinstance(body, str) and body.strip()
-            else _header_description(dist.metadata["Description"])
+            else _header_description(dist.metadata.get("Description"))
         )
         if text and text.strip() and text.strip() != "UNKNOWN":
             docs.append((f"readme:{name}=={dist.version}", text.strip() + "\n"))

@@ -149,8 +149,11 @@ def _run_and_kill(tmp_path: Path, prepared: Path, title: str, over: dict) -> tup
     run_dir = tmp_path / "t"
     killed = None
     deadline = time.monotonic() + 600
+    from ray_jobs.driver import load_latest_checkpoint
+
     while time.monotonic() < deadline and proc.poll() is None:
-        if (run_dir / "checkpoints" / "step_00000004").exists():
+        # kill once a checkpoint is completely persisted (killing mid-copy would leave none to resume)
+        if (run_dir / "checkpoints" / "step_00000004").exists() and load_latest_checkpoint(run_dir) is not None:
             killed = _find_process(proc.pid, title)
             if killed is not None:
                 os.kill(killed, signal.SIGKILL)
