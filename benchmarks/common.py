@@ -1,0 +1,392 @@
+"""Shared helpers of ``sample_efficiency.py``, ``overhead.py`` and ``gpu.py``.
+
+* machine facts recorded next to every number (CPU, cores, memory, GPU, load average, git revision);
+* timing summaries (min / median / max) and process memory (resident set, its peak, and resetting
+  the peak through ``/proc/self/clear_refs`` so one process can measure several variants in turn);
+* ``StepLoop``: one optimiser step of a run the way a run loop takes it, in four variants that the
+  overhead and GPU benchmarks compare (static mixture without the probe, with the probe ``exact`` or
+  ``sketch``, and AC-ODM: probe plus the agent in a Ray actor updating asynchronously);
+* a synthetic prepared corpus of random tokens (no download, any vocabulary and domain count);
+* Markdown tables and an atomic append of a section to ``benchmarks/RESULTS.md``.
+
+Nothing here changes library behaviour: the variants are built from the public ``envs``, ``agents``
+and ``ray_jobs`` pieces exactly as ``ray_jobs.driver`` and ``ray_jobs.train`` wire them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_FILE = REPO_ROOT / "benchmarks" / "RESULTS.md"
+if str(REPO_ROOT) not in sys.path:  # the scripts run as files; the packages live at the repo root
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Variants of one loop iteration, in the order they are reported (the first is the baseline).
+VARIANTS = ("static", "exact", "sketch", "ac_odm")
+VARIANT_LABELS = {
+    "static": "static mixture, no probe",
+    "exact": "static mixture + probe (exact)",
+    "sketch": "static mixture + probe (sketch)",
+    "ac_odm": "AC-ODM: probe (exact) + agent actor",
+    "ac_odm_sketch": "AC-ODM: probe (sketch) + agent actor",
+}
+# What the ledger-free loop hands the agent actor (``ray_jobs.train`` ships the same keys plus the
+# validity flags; the Gram matrix and the signals record stay on the trainer).
+_AGENT_INFO_KEYS = ("loss_K", "reward_parts_K", "scores_K", "weights_K", "reward_valid", "skipped")
+
+
+# --------------------------------------------------------------------------------------------- machine facts
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages (NaNs where the platform has none)."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (float("nan"),) * 3
+
+
+def format_load(load: Sequence[float] | None = None) -> str:
+    """``load 3.1 / 4.2 / 5.0 (1/5/15 min)``."""
+    one, five, fifteen = load if load is not None else load_average()
+    return f"load {one:.1f} / {five:.1f} / {fifteen:.1f} (1/5/15 min)"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float:
+    try:
+        match = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        return int(match.group(1)) / 2**20 if match else float("nan")
+    except OSError:
+        return float("nan")
+
+
+def machine_summary() -> str:
+    """One line: CPU model and cores, memory, OS, Python, torch, GPU (or none)."""
+    import torch
+
+    gpu = "no GPU"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = f"{torch.cuda.device_count()} x {props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return (f"{os.cpu_count()} cores {_cpu_model()}, {_memory_gib():.0f} GiB RAM, {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, {gpu}")
+
+
+def git_revision() -> str:
+    """``<short hash>`` of HEAD, with ``+ uncommitted changes`` when the tree is dirty; ``unknown`` without git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head} + uncommitted changes" if dirty else head
+
+
+def command_line() -> str:
+    """The command that is running, as a user would retype it from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script_text = str(script.relative_to(REPO_ROOT))
+    except ValueError:
+        script_text = str(script)
+    return " ".join([".venv/bin/python", shlex.quote(script_text), *map(shlex.quote, sys.argv[1:])])
+
+
+def utc_now() -> str:
+    """``2026-12-01 14:05 UTC``."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# --------------------------------------------------------------------------------------------- timing and memory
+@dataclass(frozen=True)
+class TimeSummary:
+    """Seconds per repetition: min, median, max over ``n`` repetitions."""
+
+    min: float
+    median: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, times_s: Sequence[float]) -> TimeSummary:
+        """Summarise a non-empty list of durations."""
+        if not times_s:
+            raise ValueError("TimeSummary.of needs at least one duration")
+        return cls(min(times_s), statistics.median(times_s), max(times_s), len(times_s))
+
+
+def _proc_status_kib(key: str, pid: int | str = "self") -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
+    if match is None:
+        raise OSError(f"/proc/{pid}/status has no {key} line")
+    return int(match.group(1))
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size of a process now (Linux ``VmRSS``)."""
+    return _proc_status_kib("VmRSS", pid) * 1024
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """Peak resident set size (Linux ``VmHWM``; ``ru_maxrss`` where /proc is absent, this process only)."""
+    try:
+        return _proc_status_kib("VmHWM", pid) * 1024
+    except OSError:
+        if pid != "self":
+            raise
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0); False where that is impossible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def fmt_bytes(n: float) -> str:
+    """``1.5 GiB``, ``12.0 MiB``, ``640 B``."""
+    if not np.isfinite(n):
+        return "n/a"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+# --------------------------------------------------------------------------------------------- tables and RESULTS.md
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub Markdown table; cells are ``str()``-ed and ``|`` is escaped."""
+    def cell(x: object) -> str:
+        return str(x).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def append_section(text: str, path: str | os.PathLike[str] = RESULTS_FILE) -> Path:
+    """Append ``text`` (a Markdown section) to ``path``, atomically: write a temp file, then rename.
+
+    The file is read and rewritten whole, so other sections are kept byte for byte; a file that does
+    not exist yet is created with a title.
+    """
+    p = Path(path)
+    old = p.read_text(encoding="utf-8") if p.exists() else "# Benchmark results\n"
+    new = old.rstrip("\n") + "\n\n" + text.strip("\n") + "\n"
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, p)
+    return p
+
+
+# --------------------------------------------------------------------------------------------- synthetic corpus
+def synthetic_corpus(
+    out_dir: str | os.PathLike[str], *, num_domains: int, vocab_size: int, train_tokens: int, val_tokens: int,
+    seed: int = 0,
+) -> list[str]:
+    """Write a prepared corpus of uniformly random tokens (ids 1..vocab-1) and return its domain names.
+
+    Throughput and overhead do not depend on the text, so random tokens stand in for a real corpus. The
+    files have the real format (manifest, ``tokenizer.json``, token shards), written by the same helper the
+    tests use, and are read through ``envs.data.PreparedCorpus`` memory maps like a prepared corpus.
+    """
+    from tests.envs.lm_fixtures import word_level_tokenizer, write_prepared_corpus
+
+    rng = np.random.default_rng(seed)
+    names = [f"d{k:02d}" for k in range(num_domains)]
+    streams = {
+        n: {"train": rng.integers(1, vocab_size, size=train_tokens), "val": rng.integers(1, vocab_size, size=val_tokens)}
+        for n in names
+    }
+    write_prepared_corpus(Path(out_dir), streams, word_level_tokenizer(vocab_size))
+    return names
+
+
+def synthetic_experiment(prepared_dir: str | os.PathLike[str], domain_names: Sequence[str],
+                         overrides: Mapping[str, Any]) -> Any:
+    """An ``ExperimentConfig`` over a synthetic corpus (sources are never read: the corpus is prepared)."""
+    from ray_jobs.config import ExperimentConfig, set_dotted
+
+    data: dict[str, Any] = {
+        "name": "bench",
+        "data": {
+            "prepared_dir": str(prepared_dir),
+            "domains": [{"name": n, "source": {"paths": [f"synthetic/{n}.jsonl"]}} for n in domain_names],
+        },
+        "ray": {"enabled": False},
+        "tracking": {"enabled": False},
+    }
+    for key, value in overrides.items():
+        set_dotted(data, key, value)
+    return ExperimentConfig.from_dict(data, source="synthetic benchmark config")
+
+
+# --------------------------------------------------------------------------------------------- step loops
+def agent_info(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ``env.step``'s info a mixer reads (what crosses to the agent actor)."""
+    return {k: info[k] for k in _AGENT_INFO_KEYS if k in info}
+
+
+class StepLoop:
+    """One loop iteration (decide, train one optimiser step, observe) in one of the ``VARIANTS``.
+
+    * ``static``: the ``Pretrainer`` alone with the probe detached (no hooks, no observation or reward
+      maths): what a fixed-mixture run without AC-ODM's machinery costs;
+    * ``exact`` / ``sketch``: ``DataMixingEnv.step`` with the probe in that mode (hooks, per-domain sums,
+      Gram matrix, observation and reward), weights from a local static mixer;
+    * ``ac_odm`` / ``ac_odm_sketch``: the same env step, weights from AC-ODM in an ``AgentActor`` Ray
+      actor (``act`` blocks, ``observe`` is fire-and-forget, updates run in the actor's background
+      thread), as ``ray_jobs.train`` runs it. Ray must be initialised.
+
+    Args:
+        name: one of ``VARIANT_LABELS``.
+        cfg: the ``ExperimentConfig`` (``env.probe.mode`` and ``agent`` are set here per variant).
+        device: the LM's device (None: CUDA when available).
+        agent_overrides: ``AgentConfig`` fields for the AC-ODM variants on top of ``cfg.agent`` (e.g.
+            network sizes, warmup 0).
+        agent_cpus: CPUs reserved for the agent actor.
+    """
+
+    def __init__(self, name: str, cfg: Any, *, device: Any = None, agent_overrides: Mapping[str, Any] | None = None,
+                 agent_cpus: float = 0.0) -> None:
+        from envs.backends import LMBackend
+        from envs.env import DataMixingEnv
+        from ray_jobs.config import ExperimentConfig
+
+        if name not in VARIANT_LABELS:
+            raise ValueError(f"unknown step-loop variant {name!r}; expected one of {sorted(VARIANT_LABELS)}")
+        self.name = name
+        self.is_agent = name.startswith("ac_odm")
+        data = cfg.to_dict()
+        data["env"]["probe"]["mode"] = "sketch" if name.endswith("sketch") else "exact"
+        # keep the base config's agent settings (network sizes, exploration, ...); only the kind changes
+        plain = {**data["agent"], "mode": "online", "policy": None, "weights": None}
+        data["agent"] = ({**plain, "kind": "ac_odm", **(agent_overrides or {})} if self.is_agent
+                         else {**plain, "kind": "uniform"})
+        self.cfg = ExperimentConfig.from_dict(data, source=f"step loop {name}")
+        self.backend = LMBackend(self.cfg, device=device)
+        self.env = DataMixingEnv(self.cfg, backend=self.backend)
+        self.obs, _ = self.env.reset(seed=self.cfg.seed)
+        self.probe_bytes = int(sum(self.backend.probe.state_bytes().values()))
+        if name == "static":
+            self.backend.probe.close()  # removes the gradient hooks and frees the sums
+            self.backend.pretrainer.set_observer(None)
+            self.probe_bytes = 0
+        self.mixer = self._build_mixer(agent_cpus)
+        self.act_s: list[float] = []  # wall seconds of each ``act``
+        self.wall_s: list[float] = []  # wall seconds of each iteration
+        self.cpu_s: list[float] = []  # CPU seconds of this process (all its threads) per iteration
+        self._cuda = self.backend.pretrainer.device.type == "cuda"
+
+    def _build_mixer(self, agent_cpus: float) -> Any:
+        from ray_jobs.driver import build_local_mixer, mixer_kwargs
+
+        if not self.is_agent:
+            return build_local_mixer(self.cfg, self.env)
+        from ray_jobs.agent_actor import AgentActorSpec, RemoteMixer
+
+        kwargs = mixer_kwargs(self.cfg, self.env)
+        spec = AgentActorSpec(agent_cfg=self.cfg.agent, observation_space=kwargs.pop("observation_space"),
+                              action_space=kwargs.pop("action_space"), mixer_kwargs=kwargs,
+                              resources={"CPU": agent_cpus})
+        return RemoteMixer(spec)
+
+    def step(self) -> float:
+        """Run one iteration; returns its wall seconds (CUDA work included: the step ends synchronised).
+
+        The wall and CPU seconds are also appended to ``wall_s`` and ``cpu_s``. CPU time is this process's
+        only (the agent actor's is in ``actor_cpu_s``); on a loaded machine it is the steadier measure.
+        """
+        import torch
+
+        if self._cuda:
+            torch.cuda.synchronize()
+        cpu = time.process_time()
+        start = time.perf_counter()
+        weights_K = self.mixer.act(self.obs, explore=True)
+        self.act_s.append(time.perf_counter() - start)
+        if self.name == "static":
+            self.backend.pretrainer.train_step(np.asarray(weights_K, dtype=np.float64))
+        else:
+            next_obs, reward, _, truncated, info = self.env.step(weights_K)
+            self.mixer.observe(self.obs, weights_K, float(reward), next_obs, agent_info(info))
+            self.mixer.update()  # local static mixer: no-op; actor: poll finished updates' metrics
+            self.obs = next_obs
+            if truncated:
+                raise RuntimeError(f"variant {self.name}: the step budget ({self.cfg.train.total_steps}) ran out; "
+                                   "raise train.total_steps")
+        if self._cuda:
+            torch.cuda.synchronize()
+        self.wall_s.append(time.perf_counter() - start)
+        self.cpu_s.append(time.process_time() - cpu)
+        return self.wall_s[-1]
+
+    def actor_cpu_s(self) -> float:
+        """CPU seconds the agent actor's process has used so far (0 for local mixers)."""
+        if not self.is_agent:
+            return 0.0
+        import ray
+
+        return float(ray.get(self.mixer.handle.__ray_call__.remote(lambda _actor: time.process_time())))
+
+    def actor_pid(self) -> int | None:
+        """The agent actor's process id (None for local mixers)."""
+        if not self.is_agent:
+            return None
+        import ray
+
+        return int(ray.get(self.mixer.handle.__ray_call__.remote(lambda _actor: os.getpid())))
+
+    def agent_stats(self) -> dict[str, float]:
+        """The actor's counters (observed, updates done, pending, update seconds); {} for local mixers."""
+        return dict(self.mixer.stats()) if self.is_agent else {}
+
+    def close(self) -> None:
+        """Stop the actor (if any) and free the model."""
+        if self.is_agent:
+            self.mixer.close()
+        self.env.close()
+
+
+def interleave(loops: Sequence[StepLoop], *, rounds: int, block: int) -> None:
+    """Step every loop ``rounds * block`` times, the loops taking turns in blocks of ``block`` steps.
+
+    The order rotates every round, so drift and other load on the machine hit every variant alike. The
+    times land in each loop's ``wall_s`` / ``cpu_s``.
+    """
+    for r in range(rounds):
+        order = list(loops[r % len(loops):]) + list(loops[: r % len(loops)])
+        for loop in order:
+            for _ in range(block):
+                loop.step()

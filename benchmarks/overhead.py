@@ -1,0 +1,361 @@
+"""Overhead of AC-ODM's machinery on the tiny CPU LM, measured in one run against a static mixture.
+
+Four parts, all on the base config ``configs/bench-demo.yaml`` (the demo corpus, the tiny GPT-NeoX,
+one torch thread, 8 micro-batches of 2 x 64 tokens per optimiser step):
+
+1. **Step time** of one loop iteration in four variants (``benchmarks.common.StepLoop``): a static
+   mixture with no probe (the Pretrainer alone); the probe ``exact`` and ``sketch`` (env step with
+   hooks, Gram matrix, observation and reward; static mixer); and AC-ODM (probe exact + the agent in
+   a Ray actor: ``act`` blocks, ``observe`` is fire-and-forget, ``update`` runs in the actor's
+   background thread). All four live in this process and take turns in blocks of steps, the order
+   rotating every round, so machine load hits them alike. Reported: min / median / max wall ms per
+   step and the ratio of medians to the static variant; the same for this process's CPU time (the
+   steadier measure on a loaded machine), plus the agent actor's CPU time per step; the time ``act``
+   took inside the AC-ODM loop; the actor's updates (done, pending at the end): the update must not
+   block a step.
+2. **Agent round trip**: ``act`` on the actor (after its queue is drained), a no-op actor call, and
+   ``act`` of the same mixer in-process, in ms.
+3. **Peak memory** of each variant in a fresh subprocess (peak RSS, Linux ``VmHWM``), and for AC-ODM
+   the actor process's peak RSS too (Ray's own daemons are not counted).
+4. **In-process loop vs 1-worker Ray Train** (``run_local`` then ``run_train`` then ``run_local`` again,
+   same config, static uniform mixer): median wall seconds per step from the ledgers' ``wall_time``
+   (evaluation and checkpoint steps excluded), and the ratio of Ray Train to the mean of the two
+   in-process runs; Ray Train's fixed start-up and tear-down time is reported apart.
+
+The machine this runs on is shared; the load average is printed with the numbers.
+
+Usage: ``.venv/bin/python benchmarks/overhead.py [--rounds 4] [--block 4] [--train-steps 40]
+[--results benchmarks/RESULTS.md]`` (about 5 minutes on 2 idle cores; ``--skip memory train`` for part 1-2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import (
+    REPO_ROOT,
+    VARIANT_LABELS,
+    VARIANTS,
+    StepLoop,
+    TimeSummary,
+    append_section,
+    command_line,
+    fmt_bytes,
+    format_load,
+    git_revision,
+    interleave,
+    machine_summary,
+    markdown_table,
+    peak_rss_bytes,
+    rss_bytes,
+    utc_now,
+)
+
+from ray_jobs.config import ExperimentConfig, load_config
+
+log = logging.getLogger("overhead")
+
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "bench-demo.yaml"
+# The steady state of AC-ODM: no ODM warmup, so every decision is the actor's and every step updates.
+AGENT_OVERRIDES = {"warmup_fraction": 0.0}
+
+
+def base_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The benchmark's config: the base YAML with a budget that outlasts every variant's steps."""
+    steps = max(args.train_steps, args.rounds * args.block + args.warmup + 10, 1000)
+    return load_config(args.config, [f"train.total_steps={steps}", f"lm.num_threads={args.threads}",
+                                     "tracking.enabled=false", "ray.enabled=false", *args.set])
+
+
+def ray_init(num_cpus: int | None = None) -> None:
+    """A local Ray for the agent actor (no dashboard: it is not part of what is measured)."""
+    import ray
+
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             configure_logging=False, _node_ip_address="127.0.0.1")
+
+
+# --------------------------------------------------------------------------------------------- part 1 and 2
+def step_times(cfg: ExperimentConfig, args: argparse.Namespace) -> tuple[list[list[str]], dict[str, Any]]:
+    """Interleaved step times (wall and CPU) of every variant, plus the agent's round trips and counters."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    ray_init()
+    loops = [StepLoop(name, cfg, device="cpu", agent_overrides=AGENT_OVERRIDES) for name in VARIANTS]
+    try:
+        for loop in loops:  # warm up: optimiser state, the actor's start and its first (slow) updates
+            for _ in range(args.warmup):
+                loop.step()
+        agent = loops[-1]
+        load_before, actor_cpu = format_load(), agent.actor_cpu_s()
+        interleave(loops, rounds=args.rounds, block=args.block)
+        actor_cpu = (agent.actor_cpu_s() - actor_cpu) / (args.rounds * args.block)
+        extra = {"load": f"{load_before} -> {format_load()}", "stats": agent.agent_stats(),
+                 "act_in_loop": TimeSummary.of(agent.act_s[args.warmup:]), "actor_cpu": actor_cpu,
+                 "round_trip": round_trips(agent, args.act_repeats)}
+    finally:
+        for loop in loops:
+            loop.close()
+        import ray
+
+        ray.shutdown()
+    wall0 = statistics.median(loops[0].wall_s[args.warmup:])
+    cpu0 = statistics.median(loops[0].cpu_s[args.warmup:])
+    rows = []
+    for loop in loops:
+        w, c = TimeSummary.of(loop.wall_s[args.warmup:]), TimeSummary.of(loop.cpu_s[args.warmup:])
+        agent_cpu = actor_cpu if loop.is_agent else 0.0
+        rows.append([VARIANT_LABELS[loop.name], f"{w.min * 1e3:.0f} / {w.median * 1e3:.0f} / {w.max * 1e3:.0f}",
+                     f"{w.median / wall0:.3f}", f"{c.min * 1e3:.0f} / {c.median * 1e3:.0f} / {c.max * 1e3:.0f}",
+                     f"{agent_cpu * 1e3:.1f}" if loop.is_agent else "\u2014", f"{(c.median + agent_cpu) / cpu0:.3f}",
+                     fmt_bytes(loop.probe_bytes), str(w.n)])
+    return rows, extra
+
+
+def round_trips(agent: StepLoop, repeats: int) -> dict[str, TimeSummary]:
+    """``act`` over the actor (queue drained first), a no-op actor call, and the same mixer in-process."""
+    import ray
+
+    from agents import build_mixer
+
+    remote = agent.mixer
+    remote.drain()
+    obs = agent.obs
+    timed: dict[str, list[float]] = {"actor act": [], "actor no-op call": [], "in-process act": []}
+    state = remote.state_dict()
+    local = build_mixer(remote.spec.agent_cfg, agent.env.observation_space, agent.env.action_space,
+                        **dict(remote.spec.mixer_kwargs))
+    local.load_state_dict(state)
+    calls = {
+        "actor act": lambda: remote.act(obs, explore=True),
+        "actor no-op call": lambda: ray.get(remote.handle.stats.remote()),
+        "in-process act": lambda: local.act(obs, explore=True),
+    }
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            timed[name].append(time.perf_counter() - start)
+    return {name: TimeSummary.of(t) for name, t in timed.items()}
+
+
+# --------------------------------------------------------------------------------------------- part 3
+def memory_child(args: argparse.Namespace) -> None:
+    """Subprocess entry: build one variant, run steps, print its peak RSS as one JSON line."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cfg = base_config(args)
+    rss_start = rss_bytes()
+    name = args.memory_child
+    loop = None
+    try:
+        ray_init()  # every variant's process holds a Ray driver, so the ratios isolate the probe and the agent
+        loop = StepLoop(name, cfg, device="cpu", agent_overrides=AGENT_OVERRIDES)
+        for _ in range(args.memory_steps):
+            loop.step()
+        out = {"variant": name, "peak_rss": peak_rss_bytes(), "rss_start": rss_start}
+        if loop.is_agent:
+            loop.mixer.drain()
+            out["actor_peak_rss"] = peak_rss_bytes(loop.actor_pid())
+        print("MEMORY " + json.dumps(out), flush=True)
+    finally:
+        if loop is not None:
+            loop.close()
+        import ray
+
+        ray.shutdown()
+
+
+def memory(args: argparse.Namespace) -> list[list[str]]:
+    """Run ``memory_child`` per variant in fresh processes; rows of the memory table."""
+    results = {}
+    for name in VARIANTS:
+        cmd = [sys.executable, __file__, "--memory-child", name, "--memory-steps", str(args.memory_steps),
+               "--threads", str(args.threads), "--config", str(args.config), *sum((["--set", s] for s in args.set), [])]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")]
+        if proc.returncode != 0 or not line:
+            raise RuntimeError(f"memory subprocess for {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        results[name] = json.loads(line[-1][len("MEMORY "):])
+    base = results["static"]["peak_rss"]
+    rows = []
+    for name in VARIANTS:
+        r = results[name]
+        actor = fmt_bytes(r["actor_peak_rss"]) if "actor_peak_rss" in r else "\u2014"
+        rows.append([VARIANT_LABELS[name], fmt_bytes(r["peak_rss"]), f"{r['peak_rss'] / base:.3f}",
+                     fmt_bytes(r["peak_rss"] - r["rss_start"]), actor])
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- part 4
+def ledger_step_times(run_dir: Path) -> tuple[list[float], list[float]]:
+    """Per loop iteration from a ledger: wall seconds, and wall seconds outside the Pretrainer's step.
+
+    The first step and evaluation / checkpoint steps (and the step after them) are left out. The time
+    outside ``time/step_s`` is the loop's own work (agent calls, observation and reward, ledger row): it
+    shows what the Ray path adds even when machine load slows the LM compute itself.
+    """
+    import pandas as pd
+
+    ledger = pd.read_parquet(run_dir / "ledger.parquet").sort_values("step")
+    diffs = ledger["wall_time"].diff()
+    evaluated = ledger["val/mean_ppl"].notna() if "val/mean_ppl" in ledger.columns else ledger["step"] < 0
+    keep = ~evaluated & ~evaluated.shift(1, fill_value=False) & (ledger["step"] > 1) & diffs.notna()
+    outside = diffs - ledger["time/step_s"]
+    return diffs[keep].tolist(), outside[keep].tolist()
+
+
+def train_overhead(args: argparse.Namespace) -> tuple[list[list[str]], dict[str, Any]]:
+    """In-process and 1-worker Ray Train runs alternating (local, Ray, local, Ray, local); rows and a summary."""
+    import pandas as pd
+
+    from ray_jobs.driver import run_local
+    from ray_jobs.train import run_train
+
+    root = Path(tempfile.mkdtemp(prefix="overhead-", dir=REPO_ROOT / "runs" / "bench"))
+    n = args.train_steps
+    common_set = [f"train.total_steps={n}", f"eval.interval={n}", f"checkpoint.interval={n}", "agent.kind=uniform",
+                  f"lm.num_threads={args.threads}", "tracking.enabled=false", f"output_dir={root}", "ray.num_workers=1",
+                  f"ray.resources_per_worker={{CPU: {args.threads}}}", *args.set]
+    runs = [(f"{'Ray Train, 1 worker' if i % 2 else 'in-process'} #{i // 2 + 1}", bool(i % 2))
+            for i in range(2 * args.train_pairs + 1)]
+    medians: dict[bool, list[float]] = {False: [], True: []}
+    outside_medians: dict[bool, list[float]] = {False: [], True: []}
+    rows = []
+    load_before = format_load()
+    try:
+        for i, (label, ray_enabled) in enumerate(runs):
+            cfg = load_config(args.config, [*common_set, f"name=run{i}", f"ray.enabled={str(ray_enabled).lower()}"])
+            start = time.perf_counter()
+            (run_train if ray_enabled else run_local)(cfg)
+            total = time.perf_counter() - start
+            walls, outside = ledger_step_times(cfg.run_dir)
+            s, o = TimeSummary.of(walls), TimeSummary.of(outside)
+            medians[ray_enabled].append(s.median)
+            outside_medians[ray_enabled].append(o.median)
+            fixed = total - float(pd.read_parquet(cfg.run_dir / "ledger.parquet")["wall_time"].max())
+            rows.append([label, f"{s.min * 1e3:.0f} / {s.median * 1e3:.0f} / {s.max * 1e3:.0f}",
+                         f"{o.median * 1e3:.1f}", f"{o.median / s.median:.1%}", f"{fixed:.1f}", str(s.n)])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    local, remote = statistics.mean(medians[False]), statistics.mean(medians[True])
+    spread = (max(medians[False]) - min(medians[False])) / local
+    extra_ms = 1e3 * (statistics.mean(outside_medians[True]) - statistics.mean(outside_medians[False]))
+    return rows, {"ratio": remote / local, "local_spread": spread, "extra_ms": extra_ms, "extra_share": extra_ms / 1e3 / local,
+                  "load": f"{load_before} -> {format_load()}"}
+
+
+# --------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base config (default %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the LM (default 1)")
+    p.add_argument("--warmup", type=int, default=8, help="untimed steps per variant first (the agent's first "
+                   "updates are slow)")
+    p.add_argument("--rounds", type=int, default=4, help="rounds of the step-time comparison")
+    p.add_argument("--block", type=int, default=4, help="steps per variant per round")
+    p.add_argument("--act-repeats", type=int, default=100, help="agent round trips timed")
+    p.add_argument("--memory-steps", type=int, default=6, help="steps per memory subprocess")
+    p.add_argument("--train-steps", type=int, default=40, help="steps per in-process / Ray Train run")
+    p.add_argument("--train-pairs", type=int, default=2, help="Ray Train runs (each between two in-process runs)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["steps", "memory", "train"], help="parts to skip")
+    p.add_argument("--results", type=Path, default=None, help="append a section to this file (e.g. RESULTS.md)")
+    p.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for flag in ("threads", "rounds", "block", "act_repeats", "memory_steps", "train_steps", "train_pairs"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    return args
+
+
+def render(args: argparse.Namespace, parts: dict[str, Any], header: dict[str, str]) -> str:
+    """The printed report / RESULTS.md section."""
+    config = args.config.resolve()
+    config_text = config.relative_to(REPO_ROOT) if config.is_relative_to(REPO_ROOT) else config
+    out = ["## Overhead of AC-ODM on the tiny CPU LM (benchmarks/overhead.py)",
+           f"- Command: `{header['command']}` (base config `{config_text}`)",
+           f"- Date: {header['date']}; machine: {header['machine']}; revision {header['revision']}",
+           f"- Total wall time {header['wall_s']:.0f} s", ""]
+    if "steps" in parts:
+        rows, extra = parts["steps"]
+        rt, stats = extra["round_trip"], extra["stats"]
+        per_update = stats.get("update_s", 0.0) / max(stats.get("updates_done", 0.0), 1.0)
+        out += [f"Step time, variants interleaved in one process ({extra['load']}):", "",
+                markdown_table(["variant", "wall ms min / median / max", "wall median / static",
+                                "trainer CPU ms min / median / max", "agent actor CPU ms per step",
+                                "CPU (trainer + actor) / static", "probe state", "steps"], rows), "",
+                f"- AC-ODM loop: `act` took {extra['act_in_loop'].median * 1e3:.2f} ms median "
+                f"({extra['act_in_loop'].max * 1e3:.1f} ms max) per step; the actor ran "
+                f"{stats.get('updates_done', 0):.0f} updates for {stats.get('observed', 0):.0f} transitions "
+                f"({per_update * 1e3:.1f} ms wall each on average, warm-up included), "
+                f"{stats.get('pending', 0):.0f} pending at the end.",
+                "- Agent round trip (ms, min / median / max over "
+                f"{rt['actor act'].n}): " + "; ".join(
+                    f"{name} {s.min * 1e3:.2f} / {s.median * 1e3:.2f} / {s.max * 1e3:.2f}" for name, s in rt.items()),
+                ""]
+    if "memory" in parts:
+        out += ["Peak memory, one fresh process per variant, each with a Ray driver (Linux VmHWM):", "",
+                markdown_table(["variant", "peak RSS", "ratio to static", "growth over start-up RSS",
+                                "agent actor peak RSS"], parts["memory"]), ""]
+    if "train" in parts:
+        rows, summary = parts["train"]
+        out += [f"In-process loop vs Ray Train with one worker, static uniform mixture, runs alternating "
+                f"({summary['load']}):", "",
+                markdown_table(["run", "wall ms per step min / median / max", "outside the Pretrainer step, ms (median)",
+                                "outside / step", "fixed start-up + tear-down s", "steps timed"], rows), "",
+                f"- Ray Train / in-process (mean of the runs' median step times): {summary['ratio']:.3f}; the "
+                f"in-process runs differ from each other by {summary['local_spread']:.1%} of their mean, so a "
+                f"difference below that is noise.",
+                f"- The loop's own work outside the Pretrainer step (agent actor round trips, observation, reward, "
+                f"ledger) is {summary['extra_ms']:+.1f} ms per step more under Ray Train, "
+                f"{summary['extra_share']:.1%} of the in-process step: the part of the overhead that machine load "
+                f"does not blur.", ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the parts, print the tables, optionally append them to RESULTS.md."""
+    args = parse_args(argv)
+    if args.memory_child:
+        memory_child(args)
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    start = time.perf_counter()
+    header = {"command": command_line(), "date": utc_now(), "machine": machine_summary(), "revision": git_revision()}
+    cfg = base_config(args)
+    parts: dict[str, Any] = {}
+    if "steps" not in args.skip:
+        log.info("part 1-2: interleaved step times and agent round trips (%s)", format_load())
+        parts["steps"] = step_times(cfg, args)
+    if "memory" not in args.skip:
+        log.info("part 3: peak memory per variant (%s)", format_load())
+        parts["memory"] = memory(args)
+    if "train" not in args.skip:
+        log.info("part 4: in-process vs Ray Train (%s)", format_load())
+        parts["train"] = train_overhead(args)
+    header["wall_s"] = time.perf_counter() - start
+    text = render(args, parts, header)
+    print(text)
+    if args.results is not None:
+        append_section(text, args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
