@@ -1,6 +1,7 @@
 # acodm: two commands do all the set-up on a fresh machine (Python 3.11+ and make).
 #   make demo   create .venv, install, build + prepare the demo corpus, run the demo job
-#   make test   create .venv, install, run ruff and the test suite
+#   make test   create .venv, install, run ruff and the test suite (all but the `heavy` Tune sweeps)
+#   make test-heavy   the heavy Tune sweep tests (CI runs both)
 #
 # Torch: with no NVIDIA GPU visible (no nvidia-smi), the install pins the CPU build (torch==2.13.0,
 # which this kind of machine serves from a local wheel). With a GPU, set TORCH_SPEC to the CUDA build
@@ -20,7 +21,7 @@ export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-heavy lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,7 +50,11 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 test: install lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not heavy" $(PYTEST_ARGS)
+
+# whole Ray Tune sweeps (ASHA, PBT, kill + resume): several minutes each on 2 cores
+test-heavy: install
+	$(PY) -m pytest -q -m heavy $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs data/demo .pytest_cache

@@ -279,6 +279,7 @@ def ledger(run_dir: Path | str) -> pd.DataFrame:
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.heavy
 def test_asha_sweep_stops_bad_trials_writes_best_and_tracks_mlflow(ray_session, prepared: Path, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -334,6 +335,7 @@ def test_asha_sweep_stops_bad_trials_writes_best_and_tracks_mlflow(ray_session, 
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.heavy
 def test_pbt_clones_the_best_trials_checkpoint_into_the_worst(ray_session, prepared: Path, tmp_path: Path) -> None:
     tune = {"param_space": {"optim.lr": {"grid": GOOD_BAD_LR}, "agent.actor_lr": {"loguniform": [1e-4, 1e-2]}},
             "num_samples": 1, "scheduler": "pbt", "perturbation_interval": 2, "pbt_synch": True}
@@ -363,6 +365,7 @@ def test_pbt_clones_the_best_trials_checkpoint_into_the_worst(ray_session, prepa
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.heavy
 def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, prepared: Path, tmp_path: Path) -> None:
     # one trial at a time: a short one (16 steps), then a long one (200) that the kill catches midway
     tune = {"param_space": {"train.total_steps": {"grid": [16, 200]}}, "num_samples": 1, "scheduler": "none",
