@@ -91,27 +91,28 @@ def test_auto_mode_with_drain_matches_local_mixer_exactly() -> None:
 
 
 def test_act_after_observe_does_not_wait_for_the_update() -> None:
-    actor, traj = _actor(update_sleep_s=0.5), _trajectory(2)
+    # a long update (2 s) against a bound of half of it: robust to a loaded machine's scheduling noise
+    actor, traj = _actor(update_sleep_s=2.0), _trajectory(2)
     obs, reward = traj[0]
     w = actor.act(obs, True)
     start = time.monotonic()
     actor.observe(obs, w, reward, traj[1][0], {})
     actor.act(traj[1][0], True)  # the update is released only now
-    assert time.monotonic() - start < 0.25
+    assert time.monotonic() - start < 1.0
     assert actor.stats()["pending"] == 1
     assert actor.drain() == 1
-    assert actor.stats()["update_s"] >= 0.5
+    assert actor.stats()["update_s"] >= 2.0
     actor.close()
 
 
 def test_act_waits_for_at_most_the_update_in_flight() -> None:
-    actor, traj = _actor(update_sleep_s=0.4), _trajectory(4)
-    for t in range(3):  # three transitions, no act in between: a backlog of 1.2 s of updates
+    actor, traj = _actor(update_sleep_s=1.5), _trajectory(4)
+    for t in range(3):  # three transitions, no act in between: a backlog of 4.5 s of updates
         actor.observe(traj[t][0], np.full(K, 1 / K), traj[t][1], traj[t + 1][0], {})
     time.sleep(0.05)  # let the update thread start the first released update
     start = time.monotonic()
     actor.act(traj[3][0], True)
-    assert time.monotonic() - start < 0.75
+    assert time.monotonic() - start < 3.0  # at most the 1.5 s update in flight, never the 4.5 s backlog
     assert actor.stats()["pending"] >= 1  # the act did not wait for the backlog
     assert actor.drain() == 3
     actor.close()
@@ -165,23 +166,25 @@ def test_remote_mixer_matches_local_mixer_with_drain(ray_session) -> None:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_observe_and_act_do_not_block_on_a_slow_update(ray_session) -> None:
-    update_s, lm_step_s = 0.5, 0.6
-    remote, traj = RemoteMixer(_spec(update_sleep_s=update_s)), _trajectory(4)
+    # The update is made long (2 s) so that "waited for it" and "did not" differ by far more than the
+    # scheduling noise of a loaded 2-core machine: the bound below is half an update.
+    update_s, lm_step_s, steps = 2.0, 2.2, 3
+    remote, traj = RemoteMixer(_spec(update_sleep_s=update_s)), _trajectory(steps)
     try:
         remote.act(traj[0][0])  # warm the actor up (first call imports, builds)
         caller_s = []
-        for t in range(4):
+        for t in range(steps):
             start = time.monotonic()
             obs, reward = traj[t]
             w = remote.act(obs)
             remote.observe(obs, w, reward, traj[t + 1][0], {})
             caller_s.append(time.monotonic() - start)
             time.sleep(lm_step_s)  # the LM step, during which the agent updates
-        remote.act(traj[4][0])
-        assert remote.drain() == 4
-        # an update takes 0.5 s; the caller's act+observe never waited for one
-        assert max(caller_s) < 0.3, caller_s
-        assert remote.stats()["update_s"] >= 4 * update_s
+        remote.act(traj[steps][0])
+        assert remote.drain() == steps
+        # an update takes 2 s; the caller's act+observe never waited for one
+        assert max(caller_s) < update_s / 2, caller_s
+        assert remote.stats()["update_s"] >= steps * update_s
     finally:
         remote.close()
 

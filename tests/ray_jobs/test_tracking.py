@@ -150,14 +150,14 @@ def test_log_metrics_never_waits_for_the_store(sqlite_root: Path, monkeypatch: p
 
     def slow_log_batch(run_id, metrics=(), params=(), tags=()):
         calls.append(len(metrics))
-        time.sleep(0.3)  # a slow store (remote server, busy sqlite)
+        time.sleep(1.0)  # a slow store (remote server, busy sqlite)
         return real_log_batch(run_id, metrics=metrics, params=params, tags=tags)
 
     monkeypatch.setattr(sink._client, "log_batch", slow_log_batch)
     start = time.monotonic()
     for step in range(200):
         sink.log_metrics({f"m/{i}": float(step + i) for i in range(10)}, step=step)
-    assert time.monotonic() - start < 0.25  # 200 calls while each store round trip takes 0.3 s
+    assert time.monotonic() - start < 0.9  # 200 calls, less than one store round trip (1 s) in all
     sink.close()
     assert sum(calls) == 2000 and len(calls) < 20  # coalesced into a few log_batch calls
     history = _read(sink.tracking_uri).get_metric_history(sink.run_id, "m/3")
