@@ -116,7 +116,7 @@ def prepare_exp_dir(cfg: ExperimentConfig, resume: Path | None) -> Path:
     """Create or check the experiment directory and record the sweep's config in ``sweep.yaml``.
 
     A new sweep never overwrites an existing one; ``--resume`` needs Tune's state and the same config
-    (execution settings such as ``ray.*``, ``tracking.*``, ``tune.max_concurrent_trials`` may differ).
+    (only execution settings may differ: ``ray.*``, ``tracking.*``, ``tune.trial_resources``).
     """
     from ray.tune import Tuner
 
