@@ -91,17 +91,31 @@ def machine_summary() -> str:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         gpu = f"{torch.cuda.device_count()} x {props.name} ({props.total_memory / 2**30:.0f} GiB)"
-    return (f"{os.cpu_count()} cores {_cpu_model()}, {_memory_gib():.0f} GiB RAM, {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, {gpu}")
+    return (
+        f"{os.cpu_count()} cores {_cpu_model()}, {_memory_gib():.0f} GiB RAM, {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, {gpu}"
+    )
 
 
 def git_revision() -> str:
-    """``<short hash>`` of HEAD, with ``+ uncommitted changes`` when the tree is dirty; ``unknown`` without git."""
+    """Short hash of HEAD, with ``+ uncommitted changes`` when the tree is dirty; ``unknown`` without git."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head} + uncommitted changes" if dirty else head
@@ -122,7 +136,7 @@ def utc_now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-# --------------------------------------------------------------------------------------------- timing and memory
+# ------------------------------------------------------------------------------------- timing and memory
 @dataclass(frozen=True)
 class TimeSummary:
     """Seconds per repetition: min, median, max over ``n`` repetitions."""
@@ -184,9 +198,10 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-# --------------------------------------------------------------------------------------------- tables and RESULTS.md
+# ---------------------------------------------------------------------------------- tables and RESULTS.md
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub Markdown table; cells are ``str()``-ed and ``|`` is escaped."""
+
     def cell(x: object) -> str:
         return str(x).replace("|", "\\|")
 
@@ -210,9 +225,14 @@ def append_section(text: str, path: str | os.PathLike[str] = RESULTS_FILE) -> Pa
     return p
 
 
-# --------------------------------------------------------------------------------------------- synthetic corpus
+# -------------------------------------------------------------------------------------- synthetic corpus
 def synthetic_corpus(
-    out_dir: str | os.PathLike[str], *, num_domains: int, vocab_size: int, train_tokens: int, val_tokens: int,
+    out_dir: str | os.PathLike[str],
+    *,
+    num_domains: int,
+    vocab_size: int,
+    train_tokens: int,
+    val_tokens: int,
     seed: int = 0,
 ) -> list[str]:
     """Write a prepared corpus of uniformly random tokens (ids 1..vocab-1) and return its domain names.
@@ -226,15 +246,19 @@ def synthetic_corpus(
     rng = np.random.default_rng(seed)
     names = [f"d{k:02d}" for k in range(num_domains)]
     streams = {
-        n: {"train": rng.integers(1, vocab_size, size=train_tokens), "val": rng.integers(1, vocab_size, size=val_tokens)}
+        n: {
+            "train": rng.integers(1, vocab_size, size=train_tokens),
+            "val": rng.integers(1, vocab_size, size=val_tokens),
+        }
         for n in names
     }
     write_prepared_corpus(Path(out_dir), streams, word_level_tokenizer(vocab_size))
     return names
 
 
-def synthetic_experiment(prepared_dir: str | os.PathLike[str], domain_names: Sequence[str],
-                         overrides: Mapping[str, Any]) -> Any:
+def synthetic_experiment(
+    prepared_dir: str | os.PathLike[str], domain_names: Sequence[str], overrides: Mapping[str, Any]
+) -> Any:
     """An ``ExperimentConfig`` over a synthetic corpus (sources are never read: the corpus is prepared)."""
     from ray_jobs.config import ExperimentConfig, set_dotted
 
@@ -278,8 +302,15 @@ class StepLoop:
         agent_cpus: CPUs reserved for the agent actor.
     """
 
-    def __init__(self, name: str, cfg: Any, *, device: Any = None, agent_overrides: Mapping[str, Any] | None = None,
-                 agent_cpus: float = 0.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        cfg: Any,
+        *,
+        device: Any = None,
+        agent_overrides: Mapping[str, Any] | None = None,
+        agent_cpus: float = 0.0,
+    ) -> None:
         from envs.backends import LMBackend
         from envs.env import DataMixingEnv
         from ray_jobs.config import ExperimentConfig
@@ -292,8 +323,11 @@ class StepLoop:
         data["env"]["probe"]["mode"] = "sketch" if name.endswith("sketch") else "exact"
         # keep the base config's agent settings (network sizes, exploration, ...); only the kind changes
         plain = {**data["agent"], "mode": "online", "policy": None, "weights": None}
-        data["agent"] = ({**plain, "kind": "ac_odm", **(agent_overrides or {})} if self.is_agent
-                         else {**plain, "kind": "uniform"})
+        data["agent"] = (
+            {**plain, "kind": "ac_odm", **(agent_overrides or {})}
+            if self.is_agent
+            else {**plain, "kind": "uniform"}
+        )
         self.cfg = ExperimentConfig.from_dict(data, source=f"step loop {name}")
         self.backend = LMBackend(self.cfg, device=device)
         self.env = DataMixingEnv(self.cfg, backend=self.backend)
@@ -317,9 +351,13 @@ class StepLoop:
         from ray_jobs.agent_actor import AgentActorSpec, RemoteMixer
 
         kwargs = mixer_kwargs(self.cfg, self.env)
-        spec = AgentActorSpec(agent_cfg=self.cfg.agent, observation_space=kwargs.pop("observation_space"),
-                              action_space=kwargs.pop("action_space"), mixer_kwargs=kwargs,
-                              resources={"CPU": agent_cpus})
+        spec = AgentActorSpec(
+            agent_cfg=self.cfg.agent,
+            observation_space=kwargs.pop("observation_space"),
+            action_space=kwargs.pop("action_space"),
+            mixer_kwargs=kwargs,
+            resources={"CPU": agent_cpus},
+        )
         return RemoteMixer(spec)
 
     def step(self) -> float:
@@ -344,8 +382,10 @@ class StepLoop:
             self.mixer.update()  # local static mixer: no-op; actor: poll finished updates' metrics
             self.obs = next_obs
             if truncated:
-                raise RuntimeError(f"variant {self.name}: the step budget ({self.cfg.train.total_steps}) ran out; "
-                                   "raise train.total_steps")
+                raise RuntimeError(
+                    f"variant {self.name}: the step budget ({self.cfg.train.total_steps}) ran out; "
+                    "raise train.total_steps"
+                )
         if self._cuda:
             torch.cuda.synchronize()
         self.wall_s.append(time.perf_counter() - start)
@@ -386,7 +426,7 @@ def interleave(loops: Sequence[StepLoop], *, rounds: int, block: int) -> None:
     times land in each loop's ``wall_s`` / ``cpu_s``.
     """
     for r in range(rounds):
-        order = list(loops[r % len(loops):]) + list(loops[: r % len(loops)])
+        order = list(loops[r % len(loops) :]) + list(loops[: r % len(loops)])
         for loop in order:
             for _ in range(block):
                 loop.step()

@@ -69,32 +69,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny preset, few steps")
-    p.add_argument("--presets", nargs="+", default=None, help="LM presets in order (default pythia-160m pythia-410m)")
+    p.add_argument(
+        "--presets", nargs="+", default=None, help="LM presets in order (default pythia-160m pythia-410m)"
+    )
     p.add_argument("--variants", nargs="+", default=list(VARIANT_ORDER), choices=VARIANT_ORDER)
     p.add_argument("--domains", type=int, default=None, help="K (default 22; smoke 4)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048; smoke 64)")
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (default 8; smoke 2)")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 22; smoke 4)")
+    p.add_argument(
+        "--micro-batch", type=int, default=None, help="sequences per micro-batch (default 8; smoke 2)"
+    )
+    p.add_argument(
+        "--grad-accum", type=int, default=None, help="micro-batches per step (default 22; smoke 4)"
+    )
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 8; smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke 1)")
     p.add_argument("--budget-s", type=float, default=450.0, help="skip presets that would end past this (s)")
     p.add_argument("--compile", action="store_true", help="torch.compile the LM (adds compile time)")
     p.add_argument("--device", default=None, help="default: cuda if available (smoke: cpu)")
-    p.add_argument("--results", type=Path, default=None, help="append the table to this file (e.g. RESULTS.md)")
+    p.add_argument(
+        "--results", type=Path, default=None, help="append the table to this file (e.g. RESULTS.md)"
+    )
     args = p.parse_args(argv)
     smoke = args.smoke
-    defaults = {"presets": ["tiny"] if smoke else ["pythia-160m", "pythia-410m"], "domains": 4 if smoke else 22,
-                "seq_len": 64 if smoke else 2048, "micro_batch": 2 if smoke else 8, "grad_accum": 4 if smoke else 22,
-                "steps": 2 if smoke else 8, "warmup": 1 if smoke else 3}
+    defaults = {
+        "presets": ["tiny"] if smoke else ["pythia-160m", "pythia-410m"],
+        "domains": 4 if smoke else 22,
+        "seq_len": 64 if smoke else 2048,
+        "micro_batch": 2 if smoke else 8,
+        "grad_accum": 4 if smoke else 22,
+        "steps": 2 if smoke else 8,
+        "warmup": 1 if smoke else 3,
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.device is None:
         import torch
 
-        args.device = "cpu" if smoke or not torch.cuda.is_available() else "cuda"
-    if not smoke and args.device == "cpu":
-        p.error("no CUDA device: run with --smoke on CPU (or pass --device cpu explicitly to force the full sizes)")
+        if not smoke and not torch.cuda.is_available():
+            p.error("no CUDA device: run with --smoke on CPU (or pass --device cpu to force the full sizes)")
+        args.device = "cpu" if smoke else "cuda"
     return args
 
 
@@ -130,9 +144,15 @@ def run_variant(name: str, cfg: Any, args: argparse.Namespace, agent: dict[str, 
 
 def bench_preset(preset: str, prepared: Path, names: list[str], args: argparse.Namespace) -> list[list[str]]:
     """Every variant of one preset; the table rows."""
-    overrides = {"lm.preset": preset, "lm.seq_len": args.seq_len, "lm.compile": args.compile,
-                 "sampler.micro_batch_size": args.micro_batch, "sampler.grad_accum": args.grad_accum,
-                 "train.total_steps": 10 * (args.warmup + args.steps) + 100, "agent.device": "cpu"}
+    overrides = {
+        "lm.preset": preset,
+        "lm.seq_len": args.seq_len,
+        "lm.compile": args.compile,
+        "sampler.micro_batch_size": args.micro_batch,
+        "sampler.grad_accum": args.grad_accum,
+        "train.total_steps": 10 * (args.warmup + args.steps) + 100,
+        "agent.device": "cpu",
+    }
     cfg = synthetic_experiment(prepared, names, overrides)
     agent = SMOKE_AGENT if args.smoke else REFERENCE_AGENT
     tokens_per_step = args.seq_len * args.micro_batch * args.grad_accum
@@ -149,8 +169,20 @@ def bench_preset(preset: str, prepared: Path, names: list[str], args: argparse.N
         m_ratio = f"{r['peak'] / base['peak']:.3f}" if base else "n/a"
         stats = r["stats"]
         lag = f"{stats['pending']:.0f} pending / {stats['updates_done']:.0f} done" if stats else "\u2014"
-        rows.append([preset, VARIANT_LABELS[name], f"{r['median_s']:.3f}", f"{tok_s:,.0f}", mfu, t_ratio,
-                     fmt_bytes(r["peak"]), m_ratio, fmt_bytes(r["probe"]), lag])
+        rows.append(
+            [
+                preset,
+                VARIANT_LABELS[name],
+                f"{r['median_s']:.3f}",
+                f"{tok_s:,.0f}",
+                mfu,
+                t_ratio,
+                fmt_bytes(r["peak"]),
+                m_ratio,
+                fmt_bytes(r["probe"]),
+                lag,
+            ]
+        )
     return rows
 
 
@@ -163,30 +195,42 @@ def param_count(preset: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build the corpus, benchmark each preset that fits the budget, print (and optionally append) the table."""
+    """Build the corpus, benchmark each preset that fits the budget, print (and maybe append) the table."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     args = parse_args(argv)
     start = time.perf_counter()
     import ray
 
-    ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _node_ip_address="127.0.0.1")
+    ray.init(
+        num_cpus=None,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _node_ip_address="127.0.0.1",
+    )
     rows: list[list[str]] = []
     notes: list[str] = []
     try:
         with tempfile.TemporaryDirectory(prefix="acodm-gpu-bench-") as tmp:
             tokens = max(200_000, 4 * args.seq_len * args.micro_batch)
-            names = synthetic_corpus(tmp, num_domains=args.domains, vocab_size=PYTHIA_VOCAB, train_tokens=tokens,
-                                     val_tokens=4 * (args.seq_len + 1))
+            names = synthetic_corpus(
+                tmp,
+                num_domains=args.domains,
+                vocab_size=PYTHIA_VOCAB,
+                train_tokens=tokens,
+                val_tokens=4 * (args.seq_len + 1),
+            )
             last: tuple[str, float] | None = None
             for preset in args.presets:
                 elapsed = time.perf_counter() - start
                 if last is not None:
                     estimate = last[1] * param_count(preset) / param_count(last[0])
                     if elapsed + estimate > args.budget_s:
-                        notes.append(f"{preset} skipped: estimated {estimate:.0f} s after {elapsed:.0f} s would pass "
-                                     f"the {args.budget_s:.0f} s budget")
+                        notes.append(
+                            f"{preset} skipped: estimated {estimate:.0f} s after {elapsed:.0f} s would pass "
+                            f"the {args.budget_s:.0f} s budget"
+                        )
                         log.warning(notes[-1])
                         continue
                 t0 = time.perf_counter()
@@ -194,17 +238,34 @@ def main(argv: list[str] | None = None) -> int:
                 last = (preset, time.perf_counter() - t0)
     finally:
         ray.shutdown()
-    header = ["preset", "variant", "median step s", "tokens/s", "MFU (6N)", "step time / static", "peak memory",
-              "memory / static", "probe state", "agent updates at end"]
-    text = "\n".join([
-        f"## GPU throughput and AC-ODM overhead (benchmarks/gpu.py){' --smoke on CPU' if args.smoke else ''}",
-        f"- Command: `{command_line()}`; date {utc_now()}; revision {git_revision()}",
-        f"- Machine: {machine_summary()}; {format_load()}",
-        f"- {args.domains} synthetic domains, vocabulary {PYTHIA_VOCAB}, {args.grad_accum} micro-batches of "
-        f"{args.micro_batch} x {args.seq_len} tokens per step; {args.warmup} warm-up + {args.steps} timed steps "
-        f"per variant; MFU peak {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s dense bf16; total wall "
-        f"{time.perf_counter() - start:.0f} s",
-        *[f"- {n}" for n in notes], "", markdown_table(header, rows), ""])
+    header = [
+        "preset",
+        "variant",
+        "median step s",
+        "tokens/s",
+        "MFU (6N)",
+        "step time / static",
+        "peak memory",
+        "memory / static",
+        "probe state",
+        "agent updates at end",
+    ]
+    text = "\n".join(
+        [
+            "## GPU throughput and AC-ODM overhead (benchmarks/gpu.py)"
+            + (" --smoke on CPU" if args.smoke else ""),
+            f"- Command: `{command_line()}`; date {utc_now()}; revision {git_revision()}",
+            f"- Machine: {machine_summary()}; {format_load()}",
+            f"- {args.domains} synthetic domains, vocabulary {PYTHIA_VOCAB}, {args.grad_accum} micro-batches "
+            f"of {args.micro_batch} x {args.seq_len} tokens per step; {args.warmup} warm-up + {args.steps} "
+            f"timed steps per variant; MFU peak {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s dense bf16; total wall "
+            f"{time.perf_counter() - start:.0f} s",
+            *[f"- {n}" for n in notes],
+            "",
+            markdown_table(header, rows),
+            "",
+        ]
+    )
     print(text)
     if args.results is not None:
         append_section(text, args.results)

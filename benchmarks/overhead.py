@@ -74,16 +74,29 @@ AGENT_OVERRIDES = {"warmup_fraction": 0.0}
 def base_config(args: argparse.Namespace) -> ExperimentConfig:
     """The benchmark's config: the base YAML with a budget that outlasts every variant's steps."""
     steps = max(args.train_steps, args.rounds * args.block + args.warmup + 10, 1000)
-    return load_config(args.config, [f"train.total_steps={steps}", f"lm.num_threads={args.threads}",
-                                     "tracking.enabled=false", "ray.enabled=false", *args.set])
+    return load_config(
+        args.config,
+        [
+            f"train.total_steps={steps}",
+            f"lm.num_threads={args.threads}",
+            "tracking.enabled=false",
+            "ray.enabled=false",
+            *args.set,
+        ],
+    )
 
 
 def ray_init(num_cpus: int | None = None) -> None:
     """A local Ray for the agent actor (no dashboard: it is not part of what is measured)."""
     import ray
 
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             configure_logging=False, _node_ip_address="127.0.0.1")
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _node_ip_address="127.0.0.1",
+    )
 
 
 # --------------------------------------------------------------------------------------------- part 1 and 2
@@ -102,25 +115,37 @@ def step_times(cfg: ExperimentConfig, args: argparse.Namespace) -> tuple[list[li
         load_before, actor_cpu = format_load(), agent.actor_cpu_s()
         interleave(loops, rounds=args.rounds, block=args.block)
         actor_cpu = (agent.actor_cpu_s() - actor_cpu) / (args.rounds * args.block)
-        extra = {"load": f"{load_before} -> {format_load()}", "stats": agent.agent_stats(),
-                 "act_in_loop": TimeSummary.of(agent.act_s[args.warmup:]), "actor_cpu": actor_cpu,
-                 "round_trip": round_trips(agent, args.act_repeats)}
+        extra = {
+            "load": f"{load_before} -> {format_load()}",
+            "stats": agent.agent_stats(),
+            "act_in_loop": TimeSummary.of(agent.act_s[args.warmup :]),
+            "actor_cpu": actor_cpu,
+            "round_trip": round_trips(agent, args.act_repeats),
+        }
     finally:
         for loop in loops:
             loop.close()
         import ray
 
         ray.shutdown()
-    wall0 = statistics.median(loops[0].wall_s[args.warmup:])
-    cpu0 = statistics.median(loops[0].cpu_s[args.warmup:])
+    wall0 = statistics.median(loops[0].wall_s[args.warmup :])
+    cpu0 = statistics.median(loops[0].cpu_s[args.warmup :])
     rows = []
     for loop in loops:
-        w, c = TimeSummary.of(loop.wall_s[args.warmup:]), TimeSummary.of(loop.cpu_s[args.warmup:])
+        w, c = TimeSummary.of(loop.wall_s[args.warmup :]), TimeSummary.of(loop.cpu_s[args.warmup :])
         agent_cpu = actor_cpu if loop.is_agent else 0.0
-        rows.append([VARIANT_LABELS[loop.name], f"{w.min * 1e3:.0f} / {w.median * 1e3:.0f} / {w.max * 1e3:.0f}",
-                     f"{w.median / wall0:.3f}", f"{c.min * 1e3:.0f} / {c.median * 1e3:.0f} / {c.max * 1e3:.0f}",
-                     f"{agent_cpu * 1e3:.1f}" if loop.is_agent else "\u2014", f"{(c.median + agent_cpu) / cpu0:.3f}",
-                     fmt_bytes(loop.probe_bytes), str(w.n)])
+        rows.append(
+            [
+                VARIANT_LABELS[loop.name],
+                f"{w.min * 1e3:.0f} / {w.median * 1e3:.0f} / {w.max * 1e3:.0f}",
+                f"{w.median / wall0:.3f}",
+                f"{c.min * 1e3:.0f} / {c.median * 1e3:.0f} / {c.max * 1e3:.0f}",
+                f"{agent_cpu * 1e3:.1f}" if loop.is_agent else "\u2014",
+                f"{(c.median + agent_cpu) / cpu0:.3f}",
+                fmt_bytes(loop.probe_bytes),
+                str(w.n),
+            ]
+        )
     return rows, extra
 
 
@@ -135,8 +160,12 @@ def round_trips(agent: StepLoop, repeats: int) -> dict[str, TimeSummary]:
     obs = agent.obs
     timed: dict[str, list[float]] = {"actor act": [], "actor no-op call": [], "in-process act": []}
     state = remote.state_dict()
-    local = build_mixer(remote.spec.agent_cfg, agent.env.observation_space, agent.env.action_space,
-                        **dict(remote.spec.mixer_kwargs))
+    local = build_mixer(
+        remote.spec.agent_cfg,
+        agent.env.observation_space,
+        agent.env.action_space,
+        **dict(remote.spec.mixer_kwargs),
+    )
     local.load_state_dict(state)
     calls = {
         "actor act": lambda: remote.act(obs, explore=True),
@@ -162,7 +191,7 @@ def memory_child(args: argparse.Namespace) -> None:
     name = args.memory_child
     loop = None
     try:
-        ray_init()  # every variant's process holds a Ray driver, so the ratios isolate the probe and the agent
+        ray_init()  # every variant's process holds a Ray driver: the ratios isolate the probe and the agent
         loop = StepLoop(name, cfg, device="cpu", agent_overrides=AGENT_OVERRIDES)
         for _ in range(args.memory_steps):
             loop.step()
@@ -183,20 +212,40 @@ def memory(args: argparse.Namespace) -> list[list[str]]:
     """Run ``memory_child`` per variant in fresh processes; rows of the memory table."""
     results = {}
     for name in VARIANTS:
-        cmd = [sys.executable, __file__, "--memory-child", name, "--memory-steps", str(args.memory_steps),
-               "--threads", str(args.threads), "--config", str(args.config), *sum((["--set", s] for s in args.set), [])]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            name,
+            "--memory-steps",
+            str(args.memory_steps),
+            "--threads",
+            str(args.threads),
+            "--config",
+            str(args.config),
+            *sum((["--set", s] for s in args.set), []),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")]
         if proc.returncode != 0 or not line:
-            raise RuntimeError(f"memory subprocess for {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        results[name] = json.loads(line[-1][len("MEMORY "):])
+            raise RuntimeError(
+                f"memory subprocess for {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+            )
+        results[name] = json.loads(line[-1][len("MEMORY ") :])
     base = results["static"]["peak_rss"]
     rows = []
     for name in VARIANTS:
         r = results[name]
         actor = fmt_bytes(r["actor_peak_rss"]) if "actor_peak_rss" in r else "\u2014"
-        rows.append([VARIANT_LABELS[name], fmt_bytes(r["peak_rss"]), f"{r['peak_rss'] / base:.3f}",
-                     fmt_bytes(r["peak_rss"] - r["rss_start"]), actor])
+        rows.append(
+            [
+                VARIANT_LABELS[name],
+                fmt_bytes(r["peak_rss"]),
+                f"{r['peak_rss'] / base:.3f}",
+                fmt_bytes(r["peak_rss"] - r["rss_start"]),
+                actor,
+            ]
+        )
     return rows
 
 
@@ -219,7 +268,7 @@ def ledger_step_times(run_dir: Path) -> tuple[list[float], list[float]]:
 
 
 def train_overhead(args: argparse.Namespace) -> tuple[list[list[str]], dict[str, Any]]:
-    """In-process and 1-worker Ray Train runs alternating (local, Ray, local, Ray, local); rows and a summary."""
+    """In-process and 1-worker Ray Train runs alternating (local, Ray, local, ...); rows and a summary."""
     import pandas as pd
 
     from ray_jobs.driver import run_local
@@ -227,35 +276,60 @@ def train_overhead(args: argparse.Namespace) -> tuple[list[list[str]], dict[str,
 
     root = Path(tempfile.mkdtemp(prefix="overhead-", dir=REPO_ROOT / "runs" / "bench"))
     n = args.train_steps
-    common_set = [f"train.total_steps={n}", f"eval.interval={n}", f"checkpoint.interval={n}", "agent.kind=uniform",
-                  f"lm.num_threads={args.threads}", "tracking.enabled=false", f"output_dir={root}", "ray.num_workers=1",
-                  f"ray.resources_per_worker={{CPU: {args.threads}}}", *args.set]
-    runs = [(f"{'Ray Train, 1 worker' if i % 2 else 'in-process'} #{i // 2 + 1}", bool(i % 2))
-            for i in range(2 * args.train_pairs + 1)]
+    common_set = [
+        f"train.total_steps={n}",
+        f"eval.interval={n}",
+        f"checkpoint.interval={n}",
+        "agent.kind=uniform",
+        f"lm.num_threads={args.threads}",
+        "tracking.enabled=false",
+        f"output_dir={root}",
+        "ray.num_workers=1",
+        f"ray.resources_per_worker={{CPU: {args.threads}}}",
+        *args.set,
+    ]
+    runs = [
+        (f"{'Ray Train, 1 worker' if i % 2 else 'in-process'} #{i // 2 + 1}", bool(i % 2))
+        for i in range(2 * args.train_pairs + 1)
+    ]
     medians: dict[bool, list[float]] = {False: [], True: []}
-    outside_medians: dict[bool, list[float]] = {False: [], True: []}
+    outside_shares: dict[bool, list[float]] = {False: [], True: []}
     rows = []
     load_before = format_load()
     try:
         for i, (label, ray_enabled) in enumerate(runs):
-            cfg = load_config(args.config, [*common_set, f"name=run{i}", f"ray.enabled={str(ray_enabled).lower()}"])
+            cfg = load_config(
+                args.config, [*common_set, f"name=run{i}", f"ray.enabled={str(ray_enabled).lower()}"]
+            )
             start = time.perf_counter()
             (run_train if ray_enabled else run_local)(cfg)
             total = time.perf_counter() - start
             walls, outside = ledger_step_times(cfg.run_dir)
             s, o = TimeSummary.of(walls), TimeSummary.of(outside)
             medians[ray_enabled].append(s.median)
-            outside_medians[ray_enabled].append(o.median)
+            outside_shares[ray_enabled].append(o.median / s.median)
             fixed = total - float(pd.read_parquet(cfg.run_dir / "ledger.parquet")["wall_time"].max())
-            rows.append([label, f"{s.min * 1e3:.0f} / {s.median * 1e3:.0f} / {s.max * 1e3:.0f}",
-                         f"{o.median * 1e3:.1f}", f"{o.median / s.median:.1%}", f"{fixed:.1f}", str(s.n)])
+            rows.append(
+                [
+                    label,
+                    f"{s.min * 1e3:.0f} / {s.median * 1e3:.0f} / {s.max * 1e3:.0f}",
+                    f"{o.median * 1e3:.1f}",
+                    f"{o.median / s.median:.1%}",
+                    f"{fixed:.1f}",
+                    str(s.n),
+                ]
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     local, remote = statistics.mean(medians[False]), statistics.mean(medians[True])
     spread = (max(medians[False]) - min(medians[False])) / local
-    extra_ms = 1e3 * (statistics.mean(outside_medians[True]) - statistics.mean(outside_medians[False]))
-    return rows, {"ratio": remote / local, "local_spread": spread, "extra_ms": extra_ms, "extra_share": extra_ms / 1e3 / local,
-                  "load": f"{load_before} -> {format_load()}"}
+    extra_share = statistics.mean(outside_shares[True]) - statistics.mean(outside_shares[False])
+    return rows, {
+        "ratio": remote / local,
+        "local_spread": spread,
+        "extra_share": extra_share,
+        "load": f"{load_before} -> {format_load()}",
+    }
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -263,18 +337,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base config (default %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads of the LM (default 1)")
-    p.add_argument("--warmup", type=int, default=8, help="untimed steps per variant first (the agent's first "
-                   "updates are slow)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=8,
+        help="untimed steps per variant first (the agent's first updates are slow)",
+    )
     p.add_argument("--rounds", type=int, default=4, help="rounds of the step-time comparison")
     p.add_argument("--block", type=int, default=4, help="steps per variant per round")
     p.add_argument("--act-repeats", type=int, default=100, help="agent round trips timed")
     p.add_argument("--memory-steps", type=int, default=6, help="steps per memory subprocess")
     p.add_argument("--train-steps", type=int, default=40, help="steps per in-process / Ray Train run")
-    p.add_argument("--train-pairs", type=int, default=2, help="Ray Train runs (each between two in-process runs)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["steps", "memory", "train"], help="parts to skip")
-    p.add_argument("--results", type=Path, default=None, help="append a section to this file (e.g. RESULTS.md)")
+    p.add_argument(
+        "--train-pairs", type=int, default=2, help="Ray Train runs (each between two in-process runs)"
+    )
+    p.add_argument(
+        "--skip", nargs="*", default=[], choices=["steps", "memory", "train"], help="parts to skip"
+    )
+    p.add_argument(
+        "--results", type=Path, default=None, help="append a section to this file (e.g. RESULTS.md)"
+    )
     p.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for flag in ("threads", "rounds", "block", "act_repeats", "memory_steps", "train_steps", "train_pairs"):
@@ -287,44 +373,91 @@ def render(args: argparse.Namespace, parts: dict[str, Any], header: dict[str, st
     """The printed report / RESULTS.md section."""
     config = args.config.resolve()
     config_text = config.relative_to(REPO_ROOT) if config.is_relative_to(REPO_ROOT) else config
-    out = ["## Overhead of AC-ODM on the tiny CPU LM (benchmarks/overhead.py)",
-           f"- Command: `{header['command']}` (base config `{config_text}`)",
-           f"- Date: {header['date']}; machine: {header['machine']}; revision {header['revision']}",
-           f"- Total wall time {header['wall_s']:.0f} s", ""]
+    out = [
+        "## Overhead of AC-ODM on the tiny CPU LM (benchmarks/overhead.py)",
+        f"- Command: `{header['command']}` (base config `{config_text}`)",
+        f"- Date: {header['date']}; machine: {header['machine']}; revision {header['revision']}",
+        f"- Total wall time {header['wall_s']:.0f} s",
+        "",
+    ]
     if "steps" in parts:
         rows, extra = parts["steps"]
         rt, stats = extra["round_trip"], extra["stats"]
         per_update = stats.get("update_s", 0.0) / max(stats.get("updates_done", 0.0), 1.0)
-        out += [f"Step time, variants interleaved in one process ({extra['load']}):", "",
-                markdown_table(["variant", "wall ms min / median / max", "wall median / static",
-                                "trainer CPU ms min / median / max", "agent actor CPU ms per step",
-                                "CPU (trainer + actor) / static", "probe state", "steps"], rows), "",
-                f"- AC-ODM loop: `act` took {extra['act_in_loop'].median * 1e3:.2f} ms median "
-                f"({extra['act_in_loop'].max * 1e3:.1f} ms max) per step; the actor ran "
-                f"{stats.get('updates_done', 0):.0f} updates for {stats.get('observed', 0):.0f} transitions "
-                f"({per_update * 1e3:.1f} ms wall each on average, warm-up included), "
-                f"{stats.get('pending', 0):.0f} pending at the end.",
-                "- Agent round trip (ms, min / median / max over "
-                f"{rt['actor act'].n}): " + "; ".join(
-                    f"{name} {s.min * 1e3:.2f} / {s.median * 1e3:.2f} / {s.max * 1e3:.2f}" for name, s in rt.items()),
-                ""]
+        out += [
+            f"Step time, variants interleaved in one process ({extra['load']}):",
+            "",
+            markdown_table(
+                [
+                    "variant",
+                    "wall ms min / median / max",
+                    "wall median / static",
+                    "trainer CPU ms min / median / max",
+                    "agent actor CPU ms per step",
+                    "CPU (trainer + actor) / static",
+                    "probe state",
+                    "steps",
+                ],
+                rows,
+            ),
+            "",
+            f"- AC-ODM loop: `act` took {extra['act_in_loop'].median * 1e3:.2f} ms median "
+            f"({extra['act_in_loop'].max * 1e3:.1f} ms max) per step; the actor ran "
+            f"{stats.get('updates_done', 0):.0f} updates for {stats.get('observed', 0):.0f} transitions "
+            f"({per_update * 1e3:.1f} ms wall each on average, warm-up included), "
+            f"{stats.get('pending', 0):.0f} pending at the end.",
+            "- Agent round trip (ms, min / median / max over "
+            f"{rt['actor act'].n}): "
+            + "; ".join(
+                f"{name} {s.min * 1e3:.2f} / {s.median * 1e3:.2f} / {s.max * 1e3:.2f}"
+                for name, s in rt.items()
+            ),
+            "",
+        ]
     if "memory" in parts:
-        out += ["Peak memory, one fresh process per variant, each with a Ray driver (Linux VmHWM):", "",
-                markdown_table(["variant", "peak RSS", "ratio to static", "growth over start-up RSS",
-                                "agent actor peak RSS"], parts["memory"]), ""]
+        out += [
+            "Peak memory, one fresh process per variant, each with a Ray driver (Linux VmHWM):",
+            "",
+            markdown_table(
+                [
+                    "variant",
+                    "peak RSS",
+                    "ratio to static",
+                    "growth over start-up RSS",
+                    "agent actor peak RSS",
+                ],
+                parts["memory"],
+            ),
+            "",
+        ]
     if "train" in parts:
         rows, summary = parts["train"]
-        out += [f"In-process loop vs Ray Train with one worker, static uniform mixture, runs alternating "
-                f"({summary['load']}):", "",
-                markdown_table(["run", "wall ms per step min / median / max", "outside the Pretrainer step, ms (median)",
-                                "outside / step", "fixed start-up + tear-down s", "steps timed"], rows), "",
-                f"- Ray Train / in-process (mean of the runs' median step times): {summary['ratio']:.3f}; the "
-                f"in-process runs differ from each other by {summary['local_spread']:.1%} of their mean, so a "
-                f"difference below that is noise.",
-                f"- The loop's own work outside the Pretrainer step (agent actor round trips, observation, reward, "
-                f"ledger) is {summary['extra_ms']:+.1f} ms per step more under Ray Train, "
-                f"{summary['extra_share']:.1%} of the in-process step: the part of the overhead that machine load "
-                f"does not blur.", ""]
+        out += [
+            f"In-process loop vs Ray Train with one worker, static uniform mixture, runs alternating "
+            f"({summary['load']}):",
+            "",
+            markdown_table(
+                [
+                    "run",
+                    "wall ms per step min / median / max",
+                    "outside the Pretrainer step, ms (median)",
+                    "outside / step",
+                    "fixed start-up + tear-down s",
+                    "steps timed",
+                ],
+                rows,
+            ),
+            "",
+            f"- Ray Train / in-process (mean of the runs' median step times): {summary['ratio']:.3f}; the "
+            f"in-process runs differ from each other by {summary['local_spread']:.1%} of their mean, so a "
+            f"difference below that is noise.",
+            f"- The loop's own work outside the Pretrainer step (agent actor round trips, weight broadcast, "
+            f"observation, reward, ledger) takes {summary['extra_share']:+.1%} more of each step under Ray "
+            f"Train than in-process (mean over runs of the median share): the part of the overhead that load "
+            f"does not blur (it scales with the step). The Pretrainer step itself runs the same code on both "
+            f"paths; its time differences here are contention.",
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -337,7 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     start = time.perf_counter()
-    header = {"command": command_line(), "date": utc_now(), "machine": machine_summary(), "revision": git_revision()}
+    header = {
+        "command": command_line(),
+        "date": utc_now(),
+        "machine": machine_summary(),
+        "revision": git_revision(),
+    }
     cfg = base_config(args)
     parts: dict[str, Any] = {}
     if "steps" not in args.skip:

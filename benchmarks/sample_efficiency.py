@@ -55,7 +55,16 @@ from ray_jobs.config import ExperimentConfig, load_yaml, set_dotted
 log = logging.getLogger("sample_efficiency")
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "bench-demo.yaml"
-METHOD_ORDER = ("uniform", "natural", "odm", "exp3", "ac_odm", "ac_odm_reference", "ac_odm_proxy", "best_static")
+METHOD_ORDER = (
+    "uniform",
+    "natural",
+    "odm",
+    "exp3",
+    "ac_odm",
+    "ac_odm_reference",
+    "ac_odm_proxy",
+    "best_static",
+)
 LABELS = {
     "uniform": "uniform",
     "natural": "natural",
@@ -81,8 +90,13 @@ GRID_SHAPES: dict[str, dict[str, float]] = {
     "code-heavy": {"code": 4, "docstrings": 3, "doc_topics": 1, "readmes": 1, "licenses": 1},
     "prose-heavy": {"code": 1, "docstrings": 1, "doc_topics": 3, "readmes": 3, "licenses": 2},
 }
-QUICK = {"train.total_steps": 6, "eval.interval": 3, "eval.max_batches": 1, "eval.batch_size": 4,
-         "checkpoint.interval": 6}
+QUICK = {
+    "train.total_steps": 6,
+    "eval.interval": 3,
+    "eval.max_batches": 1,
+    "eval.batch_size": 4,
+    "checkpoint.interval": 6,
+}
 
 
 @dataclass
@@ -155,7 +169,9 @@ def ledger_complete(run_dir: Path, total_steps: int) -> bool:
     return bool(steps) and max(steps) >= total_steps
 
 
-def run_one(plan: Plan, cfg: ExperimentConfig, method: str, label: str, *, needs_policy: bool = False) -> RunRecord:
+def run_one(
+    plan: Plan, cfg: ExperimentConfig, method: str, label: str, *, needs_policy: bool = False
+) -> RunRecord:
     """Run ``cfg`` in-process unless its ledger is already complete; never raises for a failed run."""
     from ray_jobs.driver import run_local
 
@@ -173,8 +189,10 @@ def run_one(plan: Plan, cfg: ExperimentConfig, method: str, label: str, *, needs
         record.status = "done"
     except ValueError as exc:
         if "different config" in str(exc):
-            raise SystemExit(f"{exc}\nThe output directory holds runs of another configuration; pass another "
-                             "--out or the same --steps/--config as before.") from None
+            raise SystemExit(
+                f"{exc}\nThe output directory holds runs of another configuration; pass another "
+                "--out or the same --steps/--config as before."
+            ) from None
         record.status, record.error = "failed", repr(exc)
     except Exception as exc:  # keep going: one broken run must not cost the hour of the others
         record.status, record.error = "failed", repr(exc)
@@ -221,14 +239,23 @@ def run_plan(plan: Plan) -> str | None:
             elif method == "best_static":
                 keys = list(plan.grid) if seed == plan.seeds[0] else ([best] if best else [])
                 for key in keys:
-                    cfg = make_config(plan, f"static-{key}-s{seed}", seed,
-                                      {"agent.kind": "fixed", "agent.weights": plan.grid[key]})
+                    cfg = make_config(
+                        plan,
+                        f"static-{key}-s{seed}",
+                        seed,
+                        {"agent.kind": "fixed", "agent.weights": plan.grid[key]},
+                    )
                     run_one(plan, cfg, f"static:{key}", f"static {key}")
                 if seed == plan.seeds[0]:
                     best = pick_best_static(plan, seed)
                     log.info("best static mixture of the grid (seed %d): %s", seed, best)
             else:
-                run_one(plan, make_config(plan, f"{method}-s{seed}", seed, OVERRIDES[method]), method, LABELS[method])
+                run_one(
+                    plan,
+                    make_config(plan, f"{method}-s{seed}", seed, OVERRIDES[method]),
+                    method,
+                    LABELS[method],
+                )
     return best
 
 
@@ -261,10 +288,22 @@ def grid_table(plan: Plan, best: str | None, target: float) -> tuple[list[str], 
         run = load_run(run_dir)
         mix = ", ".join(f"{d} {w:.2f}" for d, w in weights.items() if w > 0)
         steps = run_steps_to_target(run, target)
-        rows.append([key + (" (best)" if key == best else ""), mix, f"{final_value(run):.4g}",
-                     f"{final_geo_ppl(run):.4g}", f"{steps:.0f}" if math.isfinite(steps) else "not reached"])
-    return ["grid mixture (seed 0)", "weights (others at the floor)", "final val/mean_ppl", "final geo-mean ppl",
-            "steps to target"], rows
+        rows.append(
+            [
+                key + (" (best)" if key == best else ""),
+                mix,
+                f"{final_value(run):.4g}",
+                f"{final_geo_ppl(run):.4g}",
+                f"{steps:.0f}" if math.isfinite(steps) else "not reached",
+            ]
+        )
+    return [
+        "grid mixture (seed 0)",
+        "weights (others at the floor)",
+        "final val/mean_ppl",
+        "final geo-mean ppl",
+        "steps to target",
+    ], rows
 
 
 def data_table(comparison: Any) -> tuple[list[str], list[list[str]]]:
@@ -279,8 +318,11 @@ def data_table(comparison: Any) -> tuple[list[str], list[list[str]]]:
         cells = []
         for d in names:
             share = np.mean([r.ledger[f"tokens/{d}"].sum() / r.ledger["tokens"].iloc[-1] for r in runs])
-            present = [r.ledger.loc[r.ledger[f"microbatches/{d}"] > 0, f"score/{d}"].to_numpy(float) for r in runs
-                       if f"score/{d}" in r.ledger.columns]
+            present = [
+                r.ledger.loc[r.ledger[f"microbatches/{d}"] > 0, f"score/{d}"].to_numpy(float)
+                for r in runs
+                if f"score/{d}" in r.ledger.columns
+            ]
             scores = np.concatenate(present) if present else np.array([])
             cells.append(f"{share:.1%} / " + (f"{scores.mean():+.2f}" if scores.size else "n/a"))
         rows.append([method, *cells])
@@ -288,7 +330,7 @@ def data_table(comparison: Any) -> tuple[list[str], list[list[str]]]:
 
 
 def reading(c: Any) -> list[str]:
-    """Facts read off the comparison: each method against uniform (noise flagged) and the AC-ODM goal check."""
+    """Facts read off the comparison: each method against uniform (noise flagged), the AC-ODM goal check."""
     t = c.table.set_index("method")
     base = c.baseline
     spread = c.uniform_ratio_sd if math.isfinite(c.uniform_ratio_sd) else 0.0
@@ -298,22 +340,32 @@ def reading(c: Any) -> list[str]:
             continue
         r = row["step_ratio"]
         if math.isfinite(r):
-            what = f"reaches it in {r:.2f}x uniform's steps" + (" (within uniform's seed noise)" if row["ratio_noise"]
-                                                               else "")
+            what = f"reaches it in {r:.2f}x uniform's steps" + (
+                " (within uniform's seed noise)" if row["ratio_noise"] else ""
+            )
         else:
             what = f"does not reach it in every seed ({row['reached']}/{row['seeds']} seeds do)"
         noise = " (within noise)" if row["ppl_noise"] else ""
-        lines.append(f"{method} {what}; final val/mean_ppl {row['final_ppl']:.4g}{noise} vs uniform's "
-                     f"{t.loc[base, 'final_ppl']:.4g}.")
+        lines.append(
+            f"{method} {what}; final val/mean_ppl {row['final_ppl']:.4g}{noise} vs uniform's "
+            f"{t.loc[base, 'final_ppl']:.4g}."
+        )
     rivals = [m for m in t.index if m.startswith(("ODM", "best static"))]
     for m in [m for m in t.index if m.startswith("AC-ODM")]:
         r = t.loc[m, "step_ratio"]
         ahead = [o for o in rivals if r < t.loc[o, "step_ratio"] - spread]
         met = r <= 0.5 and len(ahead) == len(rivals)
-        lines.append(f"Goal check, {m}: ratio {r:.2f} (goal: <= 0.5 and ahead of {', '.join(rivals) or 'no rival'} "
-                     f"by more than uniform's ratio spread {spread:.3f}): {'met' if met else 'not met'}; ahead of: "
-                     f"{', '.join(ahead) or 'none'}.")
+        lines.append(
+            f"Goal check, {m}: ratio {r:.2f} (goal: <= 0.5 and ahead of {', '.join(rivals) or 'no rival'} "
+            f"by more than uniform's ratio spread {spread:.3f}): {'met' if met else 'not met'}; ahead of: "
+            f"{', '.join(ahead) or 'none'}."
+        )
     return lines
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository when it is inside it."""
+    return str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
 
 
 def summarize(plan: Plan, best: str | None, header: dict[str, Any]) -> str:
@@ -335,37 +387,69 @@ def summarize(plan: Plan, best: str | None, header: dict[str, Any]) -> str:
         f"{cpu / 60:.1f} min (about the wall time on an idle machine at 1 thread per run)",
         f"- Machine: {header['machine']}; revision {header['revision']}",
         f"- Load average at start: {header['load_start']}; at end: {header['load_end']}",
-        f"- Report with plots: `{report.relative_to(REPO_ROOT) if report.is_relative_to(REPO_ROOT) else report}`",
-        "", markdown_table(*comparison_table(comparison)), "",
-        *[f"- {n}" for n in comparison.notes], "",
-        "Final validation perplexity per domain:", "", markdown_table(*domain_table(comparison)), "",
+        f"- Report with plots: `{_shown(report)}`",
+        "",
+        markdown_table(*comparison_table(comparison)),
+        "",
+        *[f"- {n}" for n in comparison.notes],
+        "",
+        "Final validation perplexity per domain:",
+        "",
+        markdown_table(*domain_table(comparison)),
+        "",
     ]
     if plan.grid:
-        parts += ["Static grid (the oracle's candidates, first seed):", "",
-                  markdown_table(*grid_table(plan, best, comparison.target)), ""]
-    parts += ["Training data actually used (share of tokens per domain, mean over seeds) and the mean alignment "
-              "score of the domain on the steps it was present (z-scored over present domains; > 0 = its "
-              "gradient agrees with the others'):", "", markdown_table(*data_table(comparison)), "",
-              "Reading (computed):", "", *[f"- {line}" for line in reading(comparison)], ""]
+        parts += [
+            "Static grid (the oracle's candidates, first seed):",
+            "",
+            markdown_table(*grid_table(plan, best, comparison.target)),
+            "",
+        ]
+    parts += [
+        "Training data actually used (share of tokens per domain, mean over seeds) and the mean alignment "
+        "score of the domain on the steps it was present (z-scored over present domains; > 0 = its "
+        "gradient agrees with the others'):",
+        "",
+        markdown_table(*data_table(comparison)),
+        "",
+        "Reading (computed):",
+        "",
+        *[f"- {line}" for line in reading(comparison)],
+        "",
+    ]
     return "\n".join(parts)
 
 
 # --------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base config (default %(default)s)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output directory: runs/ and report/ (default runs/bench/sample_efficiency[_quick])")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory: runs/ and report/ (default runs/bench/sample_efficiency[_quick])",
+    )
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per method (default 3; --quick: 2)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default: the config's)")
-    p.add_argument("--methods", nargs="+", choices=METHOD_ORDER, default=list(METHOD_ORDER),
-                   help="methods to run (uniform is needed for the target)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHOD_ORDER,
+        default=list(METHOD_ORDER),
+        help="methods to run (uniform is needed for the target)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the config's)")
     p.add_argument("--quick", action="store_true", help="tiny smoke version: 6 steps, 2 grid mixtures")
-    p.add_argument("--results", type=Path, default=None,
-                   help="append a section to this file (default benchmarks/RESULTS.md; none with --quick)")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="append a section to this file (default benchmarks/RESULTS.md; none with --quick)",
+    )
     p.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
     args = p.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
@@ -386,11 +470,15 @@ def build_plan(args: argparse.Namespace) -> Plan:
         edits["proxy.lm.num_threads"] = args.threads
     for key, value in edits.items():
         set_dotted(base, key, value)
-    out = args.out or REPO_ROOT / "runs" / "bench" / ("sample_efficiency_quick" if args.quick else "sample_efficiency")
+    out = args.out or REPO_ROOT / "runs" / "bench" / (
+        "sample_efficiency_quick" if args.quick else "sample_efficiency"
+    )
     seeds = list(range(args.seeds or (2 if args.quick else 3)))
     methods = [m for m in METHOD_ORDER if m in args.methods]
     if "uniform" not in methods:
-        raise SystemExit("--methods must include uniform: its best val/mean_ppl is the steps-to-target target")
+        raise SystemExit(
+            "--methods must include uniform: its best val/mean_ppl is the steps-to-target target"
+        )
     ExperimentConfig.from_dict(base, source=str(args.config))  # fail now, not after an hour
     grid = static_grid(base, args.quick) if "best_static" in methods else {}
     return Plan(base=base, methods=methods, seeds=seeds, runs_dir=Path(out) / "runs", grid=grid)
@@ -403,16 +491,33 @@ def main(argv: list[str] | None = None) -> int:
     plan = build_plan(args)
     plan.runs_dir.mkdir(parents=True, exist_ok=True)
     start_load, started, start_s = format_load(), utc_now(), time.perf_counter()
-    log.info("sample-efficiency benchmark: methods %s, seeds %s, %d steps, runs in %s; %s", plan.methods,
-             plan.seeds, plan.base["train"]["total_steps"], plan.runs_dir, start_load)
+    log.info(
+        "sample-efficiency benchmark: methods %s, seeds %s, %d steps, runs in %s; %s",
+        plan.methods,
+        plan.seeds,
+        plan.base["train"]["total_steps"],
+        plan.runs_dir,
+        start_load,
+    )
     best = run_plan(plan)
-    text = summarize(plan, best, header={
-        "command": command_line(), "machine": machine_summary(), "revision": git_revision(),
-        "started": started, "load_start": start_load, "load_end": format_load(),
-        "wall_s": time.perf_counter() - start_s, "quick": args.quick,
-    })
+    text = summarize(
+        plan,
+        best,
+        header={
+            "command": command_line(),
+            "machine": machine_summary(),
+            "revision": git_revision(),
+            "started": started,
+            "load_start": start_load,
+            "load_end": format_load(),
+            "wall_s": time.perf_counter() - start_s,
+            "quick": args.quick,
+        },
+    )
     print(text)
-    results = args.results or (None if args.quick or args.no_results else REPO_ROOT / "benchmarks" / "RESULTS.md")
+    results = args.results or (
+        None if args.quick or args.no_results else REPO_ROOT / "benchmarks" / "RESULTS.md"
+    )
     if results is not None and not args.no_results:
         log.info("appended the section to %s", append_section(text, results))
     failed = [r.name for r in plan.records if r.status == "failed"]
