@@ -205,9 +205,12 @@ def test_killed_actor_recreated_from_state_gives_the_same_next_action(ray_sessio
         reference.load_state_dict(state)
         expected = reference.act(traj[5][0], explore=True)
 
-        ray.kill(remote.handle)
+        ray.kill(remote.handle)  # asynchronous: calls may still be answered until the kill lands
+        deadline = time.monotonic() + 60
         with pytest.raises(AgentActorDiedError):
-            remote.act(traj[5][0])
+            while time.monotonic() < deadline:
+                remote.act(traj[5][0])
+                time.sleep(0.1)
         remote.restart(state)
         np.testing.assert_array_equal(remote.act(traj[5][0]), expected)
     finally:
