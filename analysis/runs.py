@@ -103,7 +103,7 @@ def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # Keys expected to differ between seeds of one method.
-PER_RUN_KEYS: frozenset[str] = frozenset({"name", "seed", "output_dir", "tracking.run_name", "ray.storage_path"})
+PER_RUN_KEYS: frozenset[str] = frozenset({"name", "seed", "output_dir", "tracking.run_name", "ray.storage_path", "agent.policy"})
 
 
 def config_differences(configs: Sequence[dict]) -> dict[str, list]:

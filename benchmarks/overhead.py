@@ -454,8 +454,8 @@ def render(args: argparse.Namespace, parts: dict[str, Any], header: dict[str, st
             f"- The loop's own work outside the Pretrainer step (agent actor round trips, weight broadcast, "
             f"observation, reward, ledger) takes {summary['extra_share']:+.1%} more of each step under Ray "
             f"Train than in-process (mean over runs of the median share): the part of the overhead that load "
-            f"does not blur (it scales with the step). The Pretrainer step itself runs the same code on both "
-            f"paths; its time differences here are contention.",
+            f"does not blur (it scales with the step). The Pretrainer step runs the same code on both "
+            f"paths: the in-process runs' spread shows how much its time drifts on this machine.",
             "",
         ]
     return "\n".join(out)

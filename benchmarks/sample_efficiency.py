@@ -329,6 +329,59 @@ def data_table(comparison: Any) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def concentration_table(comparison: Any) -> tuple[list[str], list[list[str]]]:
+    """Per run of an adaptive method: where its mixture went, and how much reward signal was left there.
+
+    The first step any weight exceeded 0.5; the last quarter's dominant domain and its mean weight;
+    over the second half of training, the share of steps whose micro-batches covered at most two
+    domains (two present domains give identical off-diagonal Gram row sums, hence all-zero alignment
+    scores; one gives no reward at all) and the share of steps with no alignment signal (every
+    ``|score| < 1e-6``); the transitions the agent dropped as invalid.
+    """
+    import numpy as np
+
+    header = [
+        "method",
+        "seed",
+        "first step with a weight > 0.5",
+        "dominant domain (last quarter)",
+        "its weight",
+        "steps with <= 2 domains (2nd half)",
+        "steps without alignment signal (2nd half)",
+        "transitions dropped",
+    ]
+    rows = []
+    for method, runs in comparison.groups.items():
+        if runs[0].kind in ("uniform", "natural", "fixed"):
+            continue
+        for r in runs:
+            led, names = r.ledger, r.domain_names
+            weights_TK = led[[f"weight/{d}" for d in names]].to_numpy(float)
+            late_K = weights_TK[-max(1, len(led) // 4) :].mean(axis=0)
+            over_T = weights_TK.max(axis=1) > 0.5
+            first = str(int(led["step"].iloc[int(over_T.argmax())])) if over_T.any() else "never"
+            half = led.iloc[len(led) // 2 :]
+            present_T = (half[[f"microbatches/{d}" for d in names]] > 0).sum(axis=1)
+            scores = [f"score/{d}" for d in names if f"score/{d}" in half]
+            silent = (half[scores].abs().max(axis=1) < 1e-6).mean() if scores else math.nan
+            dropped = (
+                led["agent/skipped_transitions"].max() if "agent/skipped_transitions" in led else math.nan
+            )
+            rows.append(
+                [
+                    method,
+                    str(r.seed),
+                    first,
+                    names[int(late_K.argmax())],
+                    f"{late_K.max():.2f}",
+                    f"{(present_T <= 2).mean():.0%}",
+                    f"{silent:.0%}",
+                    "\u2014" if not np.isfinite(dropped) else f"{dropped:.0f}",
+                ]
+            )
+    return header, rows
+
+
 def reading(c: Any) -> list[str]:
     """Facts read off the comparison: each method against uniform (noise flagged), the AC-ODM goal check."""
     t = c.table.set_index("method")
@@ -411,6 +464,10 @@ def summarize(plan: Plan, best: str | None, header: dict[str, Any]) -> str:
         "gradient agrees with the others'):",
         "",
         markdown_table(*data_table(comparison)),
+        "",
+        "Where the adaptive methods' mixtures went, per run:",
+        "",
+        markdown_table(*concentration_table(comparison)),
         "",
         "Reading (computed):",
         "",

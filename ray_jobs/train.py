@@ -110,7 +110,7 @@ def _slim_info(info: Any) -> Any:
     """Only what mixers read crosses to the actor (not the signals record or the Gram matrix)."""
     if not isinstance(info, dict):
         return info
-    keep = ("loss_K", "reward_parts_K", "scores_K", "weights_K")
+    keep = ("loss_K", "reward_parts_K", "scores_K", "weights_K", "reward_valid", "skipped")
     return {k: info[k] for k in keep if k in info}
 
 
