@@ -19,6 +19,14 @@ mean: the same direction, K times smaller). The whole learning rule is
 - replay is a numpy ring buffer with its own generator; the transition of a step with a non-finite
   observation or reward is dropped (B14).
 
+Concurrency: ``update`` may run on another thread while ``act`` and ``observe`` are called (the Ray
+agent actor does this, so the LM never waits for an agent update). ``act`` reads a published copy of
+the actor, double-buffered: an update trains ``self.actor``, then copies it into the back buffer and
+swaps it to the front under a lock held only for the swap and for ``act``'s forward pass, so ``act``
+never waits for a gradient step and never sees half of one. ``observe`` and ``update`` share the
+replay buffer and the counters under a second short lock. Called from one thread (the in-process loop),
+everything happens in order and a run repeats exactly.
+
 There is no terminal mask: the mixing task never terminates (gamma < 1 discounts an infinite horizon);
 the run's end is a truncation, which bootstraps like any other step.
 
@@ -34,6 +42,7 @@ import copy
 import logging
 import math
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -63,6 +72,8 @@ class ActorCriticMixer(BaseMixer):
     actor is behaviour-cloned to it and the critic is fitted; then the actor drives the run.
     """
 
+    concurrent_update = True  # ``update`` may overlap ``act``/``observe`` on another thread
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.config
@@ -89,6 +100,11 @@ class ActorCriticMixer(BaseMixer):
                 self.obs_dim, self.num_domains, width, depth, self.architecture["num_critics"]
             ).to(self.device)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
+        # The acting policy, double-buffered: act reads the front, an update fills the back and swaps.
+        self._acting = copy.deepcopy(self.actor).requires_grad_(False)
+        self._acting_back = copy.deepcopy(self.actor).requires_grad_(False)
+        self.policy_version = 0  # policies published so far (one per update() that trained)
+        self._init_locks()
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         # Parameter lists, fixed for the mixer's life (loading copies values in place).
         self._params = {
@@ -119,6 +135,27 @@ class ActorCriticMixer(BaseMixer):
             for net in (self.actor, self.critic):
                 net.requires_grad_(False)
 
+    def _init_locks(self) -> None:
+        self._data_lock = threading.Lock()  # replay buffer and counters shared by observe and update
+        self._policy_lock = threading.Lock()  # the front acting buffer: act's forward pass and the swap
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()  # locks cannot be copied or pickled; a copy gets its own
+        del state["_data_lock"], state["_policy_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_locks()
+
+    def _publish_policy(self) -> None:
+        """Make the trained actor the acting policy: copy it into the back buffer (nobody reads that),
+        then swap the buffers under the policy lock (held for a pointer swap, not for a copy)."""
+        hard_update(self.actor, self._acting_back)
+        with self._policy_lock:
+            self._acting, self._acting_back = self._acting_back, self._acting
+            self.policy_version += 1
+
     # -- acting ----------------------------------------------------------------------------------------
     @property
     def in_warmup(self) -> bool:
@@ -141,9 +178,9 @@ class ActorCriticMixer(BaseMixer):
             raise ValueError(f"obs must be finite, got {obs_S.tolist()}")
         if self.in_warmup:
             return self.teacher.act(obs_S)
-        with torch.no_grad():
-            obs_1S = torch.as_tensor(obs_S, device=self.device)[None]
-            logits_K = self.actor.logits(obs_1S)[0].to("cpu", torch.float64).numpy()
+        obs_1S = torch.tensor(obs_S, device=self.device)[None]  # a copy: Ray hands read-only arrays
+        with self._policy_lock, torch.no_grad():  # the published policy, never one mid-update
+            logits_K = self._acting.logits(obs_1S)[0].to("cpu", torch.float64).numpy()
         weights_K = _softmax(logits_K)
         if explore and not self.frozen:
             weights_K = self._explore(logits_K)
@@ -178,43 +215,50 @@ class ActorCriticMixer(BaseMixer):
         """
         obs_S, next_obs_S = self._check_obs(obs, "obs"), self._check_obs(next_obs, "next_obs")
         weights_K = self._check_weights(info["weights_K"] if "weights_K" in info else weights)
+        rewards_K = None if self.frozen else self._check_vector_info(info, "reward_parts_K")
         if self.in_warmup:
             self.teacher.observe(obs_S, weights_K, reward, next_obs_S, info)
-        self.num_decisions += 1
-        if self.frozen:
-            return
-        rewards_K = self._check_vector_info(info, "reward_parts_K")
-        finite = all(np.all(np.isfinite(x)) for x in (obs_S, next_obs_S, rewards_K))
-        if not finite or not bool(info.get("reward_valid", True)) or bool(info.get("skipped", False)):
-            self.num_skipped += 1
-            logger.warning(
-                "ac_odm: dropped transition %d (invalid or non-finite reward/observation)", self.num_decisions
-            )
-            return
-        self.replay_buffer.add(obs_S, weights_K, rewards_K, next_obs_S)
-        self.update_credit += self.config.updates_per_step
+        with self._data_lock:  # an update on another thread may be sampling the buffer
+            self.num_decisions += 1
+            if rewards_K is None:
+                return
+            finite = all(np.all(np.isfinite(x)) for x in (obs_S, next_obs_S, rewards_K))
+            if not finite or not bool(info.get("reward_valid", True)) or bool(info.get("skipped", False)):
+                self.num_skipped += 1
+                logger.warning(
+                    "ac_odm: dropped transition %d (invalid or non-finite reward/observation)",
+                    self.num_decisions,
+                )
+                return
+            self.replay_buffer.add(obs_S, weights_K, rewards_K, next_obs_S)
+            self.update_credit += self.config.updates_per_step
 
     def update(self) -> dict[str, float]:
         """Run the gradient updates owed (``updates_per_step`` per stored transition); the mean metrics
-        of those updates, or ``{}`` when none ran (frozen mode, or credit below one update)."""
-        num_steps = 0 if self.frozen else int(self.update_credit)
+        of those updates, or ``{}`` when none ran (frozen mode, or credit below one update). The trained
+        actor becomes the acting policy when they are done."""
+        with self._data_lock:
+            num_steps = 0 if self.frozen else int(self.update_credit)
+            self.update_credit -= num_steps
         if num_steps == 0:
             return {}
-        self.update_credit -= num_steps
         runs = [self._train_step() for _ in range(num_steps)]
+        self._publish_policy()
         return {key: _mean_finite([m[key] for m in runs]) for key in runs[0]}
 
     def _train_step(self) -> dict[str, float]:
         """One gradient update (SB3 ``TD3.train``): TD target, critic step, (delayed) actor step, Polyak."""
         cfg = self.config
-        warmup = self.num_decisions <= self.warmup_steps  # the newest transition came from a warmup decision
-        # 1. End of warmup: hard-copy the online networks into the targets, once.
+        # 1. Minibatch drawn by the buffer's own seeded generator (a copy: fancy indexing), under the
+        #    lock that observe takes to add a transition from another thread.
+        with self._data_lock:
+            warmup = self.num_decisions <= self.warmup_steps  # the newest transition is a warmup decision
+            batch = self.replay_buffer.sample(cfg.batch_size)
+        # 2. End of warmup: hard-copy the online networks into the targets, once.
         if not warmup and not self.targets_synced:
             hard_update(self.actor, self.actor_target)
             hard_update(self.critic, self.critic_target)
             self.targets_synced = True
-        # 2. Minibatch drawn by the buffer's own seeded generator.
-        batch = self.replay_buffer.sample(cfg.batch_size)
         obs_BS, weights_BK, rewards_BK, next_obs_BS = (torch.as_tensor(x, device=self.device) for x in batch)
         # 3. Learning rates from each network's schedule (constant during warmup).
         actor_lr = self._set_lr(self.actor_optimizer, cfg.actor_lr, warmup)
@@ -324,6 +368,7 @@ class ActorCriticMixer(BaseMixer):
         for name in _COUNTERS:
             setattr(self, name, type(getattr(self, name))(state["counters"][name]))
         self.teacher.load_state_dict(state["teacher"])
+        self._publish_policy()
 
     def save_policy(self, path: str | os.PathLike[str]) -> None:
         """Write the actor and critic with a header (K, observation size, domain names, architecture,
@@ -367,6 +412,7 @@ class ActorCriticMixer(BaseMixer):
         self.critic.load_state_dict(policy["critic"])
         hard_update(self.actor, self.actor_target)
         hard_update(self.critic, self.critic_target)
+        self._publish_policy()
 
 
 _MODULES = ("actor", "critic", "actor_target", "critic_target", "actor_optimizer", "critic_optimizer")

@@ -300,6 +300,7 @@ class StepLoop:
         agent_overrides: ``AgentConfig`` fields for the AC-ODM variants on top of ``cfg.agent`` (e.g.
             network sizes, warmup 0).
         agent_cpus: CPUs reserved for the agent actor.
+        overlap_act: the actor answers ``act`` during an update (``ray.agent_async``; False: ordered).
     """
 
     def __init__(
@@ -310,6 +311,7 @@ class StepLoop:
         device: Any = None,
         agent_overrides: Mapping[str, Any] | None = None,
         agent_cpus: float = 0.0,
+        overlap_act: bool = True,
     ) -> None:
         from envs.backends import LMBackend
         from envs.env import DataMixingEnv
@@ -337,13 +339,13 @@ class StepLoop:
             self.backend.probe.close()  # removes the gradient hooks and frees the sums
             self.backend.pretrainer.set_observer(None)
             self.probe_bytes = 0
-        self.mixer = self._build_mixer(agent_cpus)
+        self.mixer = self._build_mixer(agent_cpus, overlap_act)
         self.act_s: list[float] = []  # wall seconds of each ``act``
         self.wall_s: list[float] = []  # wall seconds of each iteration
         self.cpu_s: list[float] = []  # CPU seconds of this process (all its threads) per iteration
         self._cuda = self.backend.pretrainer.device.type == "cuda"
 
-    def _build_mixer(self, agent_cpus: float) -> Any:
+    def _build_mixer(self, agent_cpus: float, overlap_act: bool) -> Any:
         from ray_jobs.driver import build_local_mixer, mixer_kwargs
 
         if not self.is_agent:
@@ -357,6 +359,7 @@ class StepLoop:
             action_space=kwargs.pop("action_space"),
             mixer_kwargs=kwargs,
             resources={"CPU": agent_cpus},
+            overlap_act=overlap_act,
         )
         return RemoteMixer(spec)
 

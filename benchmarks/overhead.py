@@ -22,10 +22,19 @@ one torch thread, 8 micro-batches of 2 x 64 tokens per optimiser step):
    (evaluation and checkpoint steps excluded), and the ratio of Ray Train to the mean of the two
    in-process runs; Ray Train's fixed start-up and tear-down time is reported apart.
 
+5. **An agent slower than the LM** (``slow`` part): AC-ODM with ``updates_per_step`` raised
+   (``--slow-updates``, default 64) so one ``update()`` takes longer than an LM step, in the actor's
+   overlapped mode (``ray.agent_async: true``, the default: ``act`` answers from the published policy)
+   and its ordered mode (``false``: ``act`` waits for the update in flight). The two loops take turns
+   in blocks; each block starts from a drained actor (the drain is not timed). Reported: ``act`` in
+   the loop and the step's wall time, median and max, the actor's update time per step and the
+   largest policy lag: overlapped, ``act`` must stay at its round-trip cost whatever the update costs.
+
 The machine this runs on is shared; the load average is printed with the numbers.
 
 Usage: ``.venv/bin/python benchmarks/overhead.py [--rounds 4] [--block 4] [--train-steps 40]
-[--results benchmarks/RESULTS.md]`` (about 5 minutes on 2 idle cores; ``--skip memory train`` for part 1-2).
+[--results benchmarks/RESULTS.md]`` (about 5 minutes on 2 idle cores; ``--skip memory train slow`` for
+part 1-2).
 """
 
 from __future__ import annotations
@@ -178,6 +187,64 @@ def round_trips(agent: StepLoop, repeats: int) -> dict[str, TimeSummary]:
             call()
             timed[name].append(time.perf_counter() - start)
     return {name: TimeSummary.of(t) for name, t in timed.items()}
+
+
+# --------------------------------------------------------------------------------------------- part 5
+def slow_agent(cfg: ExperimentConfig, args: argparse.Namespace) -> tuple[list[list[str]], dict[str, Any]]:
+    """Overlapped vs ordered agent actor when one agent update outlasts an LM step."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    ray_init()
+    overrides = {**AGENT_OVERRIDES, "updates_per_step": float(args.slow_updates)}
+    modes = {"overlapped (agent_async: true)": True, "ordered (agent_async: false)": False}
+    loops = {
+        label: StepLoop("ac_odm", cfg, device="cpu", agent_overrides=overrides, overlap_act=overlap)
+        for label, overlap in modes.items()
+    }
+    lags = dict.fromkeys(loops, 0.0)
+    try:
+        for loop in loops.values():
+            for _ in range(args.warmup):
+                loop.step()
+            loop.mixer.drain()
+            for times in (loop.act_s, loop.wall_s, loop.cpu_s):
+                times.clear()
+        load_before = format_load()
+        update_s = dict.fromkeys(loops, 0.0)
+        for r in range(args.rounds):
+            order = list(loops.items())[r % 2 :] + list(loops.items())[: r % 2]
+            for label, loop in order:
+                before = loop.agent_stats()["update_s"]
+                for _ in range(args.block):
+                    loop.step()
+                loop.mixer.drain()  # untimed: the next block starts from an empty queue
+                stats = loop.agent_stats()
+                update_s[label] += stats["update_s"] - before
+                lags[label] = max(lags[label], stats["max_policy_lag"])
+        load = f"{load_before} -> {format_load()}"
+    finally:
+        for loop in loops.values():
+            loop.close()
+        import ray
+
+        ray.shutdown()
+    rows = []
+    ordered_wall = statistics.median(loops["ordered (agent_async: false)"].wall_s)
+    for label, loop in loops.items():
+        act, wall = TimeSummary.of(loop.act_s), TimeSummary.of(loop.wall_s)
+        rows.append(
+            [
+                label,
+                f"{act.median * 1e3:.1f} / {act.max * 1e3:.1f}",
+                f"{wall.median * 1e3:.0f} / {wall.max * 1e3:.0f}",
+                f"{wall.median / ordered_wall:.3f}",
+                f"{update_s[label] / wall.n * 1e3:.0f}",
+                f"{lags[label]:.0f}",
+                str(wall.n),
+            ]
+        )
+    return rows, {"load": load, "updates": args.slow_updates}
 
 
 # --------------------------------------------------------------------------------------------- part 3
@@ -356,14 +423,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train-pairs", type=int, default=2, help="Ray Train runs (each between two in-process runs)"
     )
     p.add_argument(
-        "--skip", nargs="*", default=[], choices=["steps", "memory", "train"], help="parts to skip"
+        "--slow-updates", type=int, default=64, help="updates_per_step of the slow-agent part (default 64)"
+    )
+    p.add_argument(
+        "--skip", nargs="*", default=[], choices=["steps", "memory", "train", "slow"], help="parts to skip"
     )
     p.add_argument(
         "--results", type=Path, default=None, help="append a section to this file (e.g. RESULTS.md)"
     )
     p.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for flag in ("threads", "rounds", "block", "act_repeats", "memory_steps", "train_steps", "train_pairs"):
+    flags = ("threads", "rounds", "block", "act_repeats", "memory_steps", "train_steps", "train_pairs", "slow_updates")
+    for flag in flags:
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     return args
@@ -458,6 +529,26 @@ def render(args: argparse.Namespace, parts: dict[str, Any], header: dict[str, st
             f"paths: the in-process runs' spread shows how much its time drifts on this machine.",
             "",
         ]
+    if "slow" in parts:
+        rows, extra = parts["slow"]
+        out += [
+            f"An agent slower than the LM: AC-ODM with updates_per_step = {extra['updates']}, the actor's two "
+            f"modes taking turns in blocks that each start from a drained actor ({extra['load']}):",
+            "",
+            markdown_table(
+                [
+                    "agent actor mode",
+                    "act in the loop ms median / max",
+                    "step wall ms median / max",
+                    "step wall / ordered",
+                    "agent update ms per step",
+                    "max policy lag",
+                    "steps",
+                ],
+                rows,
+            ),
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -481,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     if "steps" not in args.skip:
         log.info("part 1-2: interleaved step times and agent round trips (%s)", format_load())
         parts["steps"] = step_times(cfg, args)
+    if "slow" not in args.skip:
+        log.info("part 5: an agent slower than the LM, overlapped vs ordered actor (%s)", format_load())
+        parts["slow"] = slow_agent(cfg, args)
     if "memory" not in args.skip:
         log.info("part 3: peak memory per variant (%s)", format_load())
         parts["memory"] = memory(args)

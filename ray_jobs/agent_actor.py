@@ -7,15 +7,21 @@ scheduling:
 * ``observe`` records the transition at once (so the next ``act`` sees it, which the ODM bandits and
   the AC-ODM warmup need) and queues one ``update()``. The update is released to a background thread
   when the next ``act`` has been answered (or at the next ``observe``/``drain``): the train loop sends
-  ``observe(t)`` then ``act(t+1)`` back to back, so starting the update earlier would make that ``act``
-  wait for it. Released this way, update ``t`` runs while the LM trains step ``t+1``.
-* ``act`` is answered from the latest finished policy: in the steady state the policy lags the local
-  loop by one update, and ``act`` waits only when an update takes longer than an LM step (at most for
-  the one ``update()`` call in flight: the actor's lock keeps a half-applied optimiser step from being
-  read, and the update thread yields to a waiting caller before starting the next queued update).
+  ``observe(t)`` then ``act(t+1)`` back to back, so starting the update earlier would only compete with
+  that ``act`` for the CPU. Released this way, update ``t`` runs while the LM trains step ``t+1``.
+* Overlapped mode (``overlap_act=True``, the default, for a mixer whose ``concurrent_update`` is true,
+  such as AC-ODM): ``act`` and ``observe`` run while an update is in flight. ``act`` answers from the
+  latest *published* policy (AC-ODM double-buffers its actor; see ``agents.ac_odm``), so it never waits
+  for an update however slow the agent is; the price is that which policy answers depends on timing,
+  so an online agent under Ray does not repeat bit for bit (``stats()["policy_lag"]`` says how far
+  behind the acting policy was).
+* Ordered mode (``overlap_act=False``, or a mixer without ``concurrent_update``): every mixer call holds
+  one lock, so ``act`` waits for the update in flight (at most that one: the update thread yields to a
+  waiting caller before starting the next queued update). The policy then lags the local loop by
+  exactly one update and a run repeats exactly.
 * ``drain()`` releases and runs every queued update; ``state_dict()`` drains first, so a checkpoint
   holds the agent after every transition the run has sent it, and ``act`` after ``drain`` equals the
-  local mixer's ``act`` exactly.
+  local mixer's ``act`` exactly (both modes).
 
 Ray runs the calls of one caller in submission order on this synchronous actor (``max_concurrency=1``),
 so ``observe`` then ``act`` from the train loop always happen in that order. The class is plain Python
@@ -67,6 +73,8 @@ class AgentActor:
             default ``agents.build_mixer``. Must be picklable when the actor is remote.
         auto_update: True: every ``observe`` queues one background ``update()`` (the Ray mode).
             False: nothing runs by itself and the caller calls ``update()`` (the exact, in-order mode).
+        overlap_act: with ``auto_update``, let ``act``/``observe`` run during an update when the mixer's
+            ``concurrent_update`` allows it (never waits; not bit-reproducible). False: ordered mode.
         num_threads: ``torch.set_num_threads`` in this process (None leaves torch's default).
         **mixer_kwargs: passed through to the factory (``seed``, ``domain_names``, ``total_steps``, ...).
     """
@@ -79,6 +87,7 @@ class AgentActor:
         *,
         mixer_factory: MixerFactory | None = None,
         auto_update: bool = True,
+        overlap_act: bool = True,
         num_threads: int | None = None,
         **mixer_kwargs: Any,
     ) -> None:
@@ -92,6 +101,8 @@ class AgentActor:
             mixer_factory = build_mixer
         self._mixer = mixer_factory(agent_cfg, observation_space, action_space, **mixer_kwargs)
         self._auto_update = bool(auto_update)
+        # Overlapped: act/observe skip the mixer lock, which then serialises only update/state calls.
+        self._overlap = self._auto_update and overlap_act and bool(getattr(self._mixer, "concurrent_update", False))
         self._mixer_lock = threading.Lock()  # held while the mixer runs any method
         self._state = threading.Condition()  # guards the counters below
         self._queued = 0  # updates observed but not yet released to the update thread
@@ -100,6 +111,8 @@ class AgentActor:
         self._observed = 0
         self._updates_done = 0
         self._update_s = 0.0
+        self._policy_lag = 0  # transitions observed but not yet learned from, when the last act answered
+        self._max_policy_lag = 0
         self._latest: dict[str, float] = {}
         self._fresh = False  # an update finished since the last poll_metrics()
         self._error: BaseException | None = None
@@ -109,9 +122,13 @@ class AgentActor:
 
     # -- the Mixer methods -----------------------------------------------------------------------------
     def act(self, obs: np.ndarray, explore: bool = True) -> np.ndarray:
-        """The next mixture from the latest policy (waits for at most the update in flight)."""
-        with self._foreground():
+        """The next mixture from the latest published policy (ordered mode: waits for at most the update
+        in flight; overlapped mode: never waits for an update)."""
+        with self._caller():
             weights = self._mixer.act(obs, explore=explore)
+        with self._state:
+            self._policy_lag = self._observed - self._updates_done
+            self._max_policy_lag = max(self._max_policy_lag, self._policy_lag)
         self._release()
         return weights
 
@@ -124,7 +141,7 @@ class AgentActor:
         info: Mapping[str, Any] | None = None,
     ) -> None:
         """Record the transition now; queue one background ``update()`` when ``auto_update``."""
-        with self._foreground():
+        with self._caller():
             self._mixer.observe(obs, weights, reward, next_obs, {} if info is None else info)
         with self._state:
             self._observed += 1
@@ -192,13 +209,18 @@ class AgentActor:
             return dict(self._latest) if fresh else {}
 
     def stats(self) -> dict[str, float]:
-        """Counters: transitions observed, updates done and pending, seconds spent updating."""
+        """Counters: transitions observed, updates done and pending, seconds spent updating, and the
+        policy lag (transitions the answering policy had not learned from) at the last ``act`` and its
+        maximum; ``overlapped`` is 1.0 when ``act`` may run during an update."""
         with self._state:
             return {
                 "observed": float(self._observed),
                 "updates_done": float(self._updates_done),
                 "pending": float(self._pending + self._queued),
                 "update_s": self._update_s,
+                "policy_lag": float(self._policy_lag),
+                "max_policy_lag": float(self._max_policy_lag),
+                "overlapped": float(self._overlap),
             }
 
     def close(self) -> None:
@@ -207,6 +229,16 @@ class AgentActor:
             self._closed = True
             self._state.notify_all()
         self._thread.join()
+
+    def _caller(self) -> contextlib.AbstractContextManager[None]:
+        """How ``act``/``observe`` reach the mixer: without the mixer lock when overlapped."""
+        return self._checked() if self._overlap else self._foreground()
+
+    @contextlib.contextmanager
+    def _checked(self) -> Iterator[None]:
+        with self._state:
+            self._raise_if_failed()
+        yield
 
     @contextlib.contextmanager
     def _foreground(self) -> Iterator[None]:
@@ -272,6 +304,7 @@ class AgentActorSpec:
         resources: ``ray.agent_resources`` (``CPU``, ``GPU``, ``memory``, custom resources).
         mixer_factory: None = ``agents.build_mixer``.
         auto_update: background updates after each ``observe`` (see ``AgentActor``).
+        overlap_act: ``act`` never waits for an update (``ray.agent_async``; see ``AgentActor``).
         num_threads: torch threads in the actor; None = max(1, the actor's CPUs rounded down).
         name, namespace, detached: a named actor can be found with ``ray.get_actor``; a detached one
             outlives the process that created it (its creator must ``close`` it).
@@ -284,6 +317,7 @@ class AgentActorSpec:
     resources: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"CPU": 0.0})
     mixer_factory: MixerFactory | None = None
     auto_update: bool = True
+    overlap_act: bool = True
     num_threads: int | None = None
     name: str | None = None
     namespace: str | None = None
@@ -321,6 +355,7 @@ def create_agent_actor(spec: AgentActorSpec, state: Mapping[str, Any] | None = N
             spec.action_space,
             mixer_factory=spec.mixer_factory,
             auto_update=spec.auto_update,
+            overlap_act=spec.overlap_act,
             num_threads=threads,
             **dict(spec.mixer_kwargs),
         )

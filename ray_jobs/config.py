@@ -44,6 +44,12 @@ class RayConfig(StrictModel):
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
     agent_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 0.0})
+    agent_async: bool = Field(
+        True,
+        description="true: the agent actor answers act from its latest published policy while it updates, "
+        "so no LM step waits for the agent (which policy answers then depends on timing); false: act waits "
+        "for the update in flight, the policy lags by exactly one update and the run repeats exactly.",
+    )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts (-1 = unlimited).")
     storage_path: str | None = Field(None, description="Ray Train storage; null = the run's output_dir.")
     report_interval: int = Field(0, ge=0, description="Report to Ray Train every N steps; 0 = at eval/ckpt.")

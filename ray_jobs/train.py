@@ -197,6 +197,7 @@ def _make_mixer(cfg: ExperimentConfig, env: Any, run_dir: Path) -> Any:
         action_space=kwargs.pop("action_space"),
         mixer_kwargs=kwargs,
         resources=dict(cfg.ray.agent_resources),
+        overlap_act=cfg.ray.agent_async,
     )
     return RecoveringMixer(RemoteMixer(spec))
 

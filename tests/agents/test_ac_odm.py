@@ -15,6 +15,7 @@ import torch
 from gymnasium import spaces
 
 from agents import ActorCriticMixer, AgentConfig, ExplorationConfig, SmoothedMeanMixer, build_mixer
+from agents.ac_odm import _softmax
 from tests.agents.test_known_answer import AlignmentBandit
 
 torch.set_num_threads(1)
@@ -419,3 +420,73 @@ def test_load_policy_into_an_online_mixer_resets_its_targets(tmp_path: Path) -> 
     fresh.load_policy(path)
     torch.testing.assert_close(params(fresh.actor_target), params(online.actor), rtol=0, atol=0)
     torch.testing.assert_close(params(fresh.critic), params(online.critic), rtol=0, atol=0)
+
+
+# -- concurrency: update on another thread while act/observe run (the Ray agent actor) --------------------
+def _greedy(mixer: ActorCriticMixer, obs: np.ndarray) -> np.ndarray:
+    """The training actor's noise-free mixture (what act returns once that actor is published)."""
+    with torch.no_grad():
+        logits_K = mixer.actor.logits(torch.as_tensor(obs)[None])[0].to(torch.float64).numpy()
+    return mixer._finish(_softmax(logits_K))  # the same arithmetic as act
+
+
+def test_act_answers_from_the_published_policy_while_an_update_is_in_flight() -> None:
+    import threading
+
+    mixer = make_mixer(updates_per_step=3.0)
+    feed(mixer, 12)
+    obs = np.random.default_rng(5).normal(size=S).astype(np.float32)
+    published = mixer.act(obs, explore=False)
+    np.testing.assert_array_equal(published, _greedy(mixer, obs))  # after update(), act = the trained actor
+    feed(mixer, 1, seed=9, update=False)  # owe 3 gradient steps
+    first_step_done, resume = threading.Event(), threading.Event()
+    real_step = mixer._train_step
+
+    def gated_step() -> dict[str, float]:
+        metrics = real_step()
+        first_step_done.set()
+        assert resume.wait(30), "the test never resumed the update"
+        return metrics
+
+    mixer._train_step = gated_step  # type: ignore[method-assign]
+    updater = threading.Thread(target=mixer.update)
+    updater.start()
+    try:
+        assert first_step_done.wait(30)
+        # mid-update: the actor has moved by one gradient step, but act still answers (it would deadlock
+        # here if it waited for the update) and from the last published policy, not the half-trained one
+        assert not np.array_equal(_greedy(mixer, obs), published)
+        np.testing.assert_array_equal(mixer.act(obs, explore=False), published)
+        version = mixer.policy_version
+        # observe is not held up either, and its transition lands in the buffer
+        size = len(mixer.replay_buffer)
+        feed(mixer, 1, seed=11, update=False)
+        assert len(mixer.replay_buffer) == size + 1
+    finally:
+        resume.set()
+        updater.join(30)
+    assert not updater.is_alive()
+    assert mixer.policy_version == version + 1  # one publication per update() call
+    np.testing.assert_array_equal(mixer.act(obs, explore=False), _greedy(mixer, obs))
+    assert not np.array_equal(mixer.act(obs, explore=False), published)
+
+
+def test_copies_and_pickles_of_a_mixer_act_alike_and_have_their_own_locks() -> None:
+    import pickle
+
+    mixer = make_mixer()
+    feed(mixer, 6)
+    obs = np.linspace(-1, 1, S).astype(np.float32)
+    for clone in (copy.deepcopy(mixer), pickle.loads(pickle.dumps(mixer))):
+        assert clone._policy_lock is not mixer._policy_lock and clone._data_lock is not mixer._data_lock
+        np.testing.assert_array_equal(clone.act(obs, explore=False), mixer.act(obs, explore=False))
+        feed(clone, 2, seed=3)  # the copy learns on its own
+    np.testing.assert_array_equal(mixer.act(obs, explore=False), _greedy(mixer, obs))
+
+
+def test_load_state_dict_publishes_the_loaded_actor() -> None:
+    source, target = make_mixer(seed=1), make_mixer(seed=2)
+    feed(source, 8)
+    obs = np.linspace(-1, 1, S).astype(np.float32)
+    target.load_state_dict(source.state_dict())
+    np.testing.assert_array_equal(target.act(obs, explore=False), source.act(obs, explore=False))

@@ -126,6 +126,25 @@ def make_linear_mixer(
     return LinearTestMixer(agent_cfg, observation_space, action_space, **kwargs)
 
 
+def make_slow_ac_odm(
+    agent_cfg: Any, observation_space: Any, action_space: Any, *, step_sleep_s: float, **kwargs: Any
+) -> Any:
+    """A ``mixer_factory``: the real AC-ODM mixer whose every gradient step also sleeps ``step_sleep_s``
+    (an agent far slower than an LM step; the sleep sits inside the update, after the actor moved)."""
+    from agents.base import build_mixer
+
+    mixer = build_mixer(agent_cfg, observation_space, action_space, **kwargs)
+    real_step = mixer._train_step
+
+    def slow_step() -> dict[str, float]:
+        metrics = real_step()
+        time.sleep(step_sleep_s)
+        return metrics
+
+    mixer._train_step = slow_step
+    return mixer
+
+
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago."""
     with socket.socket() as sock:

@@ -17,7 +17,7 @@ from ray_jobs.agent_actor import (
     AgentUpdateError,
     RemoteMixer,
 )
-from tests.ray_jobs.ray_helpers import LinearTestMixer, make_linear_mixer
+from tests.ray_jobs.ray_helpers import LinearTestMixer, make_linear_mixer, make_slow_ac_odm
 
 K, S = 4, 6
 OBS_SPACE = spaces.Box(-np.inf, np.inf, shape=(S,), dtype=np.float32)
@@ -296,5 +296,94 @@ def test_remote_ac_odm_matches_local_and_recovers_from_a_kill(ray_session, one_t
         ray.kill(remote.handle)
         remote.restart(state)
         np.testing.assert_array_equal(remote.act(traj[6][0]), local.act(traj[6][0]))
+    finally:
+        remote.close()
+
+
+# ----------------------------------------------------------------------------- overlapped act (AC-ODM)
+def _slow_ac_odm_actor(step_sleep_s: float, **actor_kwargs) -> AgentActor:
+    cfg, kwargs = _ac_odm_setup()
+    cfg = cfg.model_copy(update={"warmup_fraction": 0.0})
+    return AgentActor(
+        cfg,
+        OBS_SPACE,
+        ACT_SPACE,
+        mixer_factory=make_slow_ac_odm,
+        step_sleep_s=step_sleep_s,
+        num_threads=1,
+        **actor_kwargs,
+        **kwargs,
+    )
+
+
+def _loop_with_short_lm_steps(actor, steps: int, lm_step_s: float) -> list[float]:
+    """The train loop's pattern, act(t) then observe(t), with LM steps much shorter than an update;
+    returns the caller's seconds per step (what the LM waits for)."""
+    traj, caller_s = _trajectory(steps), []
+    for t in range(steps):
+        obs, reward = traj[t]
+        start = time.monotonic()
+        w = actor.act(obs)
+        actor.observe(obs, w, reward, traj[t + 1][0], _ac_odm_info(w, t))
+        caller_s.append(time.monotonic() - start)
+        time.sleep(lm_step_s)
+    return caller_s
+
+
+def test_overlapped_act_never_waits_for_a_slow_ac_odm_update() -> None:
+    # each update takes >= 1.5 s, each LM step 0.05 s: the agent falls ever further behind, and the
+    # caller still never waits (bound: a third of one update, far above scheduling noise)
+    update_s = 1.5
+    actor = _slow_ac_odm_actor(update_s)
+    try:
+        caller_s = _loop_with_short_lm_steps(actor, steps=4, lm_step_s=0.05)
+        stats = actor.stats()
+        assert stats["overlapped"] == 1.0
+        assert max(caller_s) < update_s / 3, caller_s
+        assert stats["max_policy_lag"] >= 2  # acts were answered while updates were still owed
+        assert stats["updates_done"] < 4
+        assert actor.drain() == 4  # every transition is still learned from
+        assert actor.stats()["update_s"] >= 4 * update_s
+    finally:
+        actor.close()
+
+
+def test_ordered_mode_waits_for_the_update_in_flight() -> None:
+    # the same loop with ray.agent_async = false: act waits for the update in flight, so the policy
+    # never lags by more than one update (the reproducible schedule)
+    update_s = 1.0
+    actor = _slow_ac_odm_actor(update_s, overlap_act=False)
+    try:
+        caller_s = _loop_with_short_lm_steps(actor, steps=3, lm_step_s=0.05)
+        stats = actor.stats()
+        assert stats["overlapped"] == 0.0
+        assert max(caller_s) > update_s / 2, caller_s
+        assert stats["max_policy_lag"] <= 1
+        assert actor.drain() == 3
+    finally:
+        actor.close()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_remote_ac_odm_act_never_waits_for_a_slow_update(ray_session) -> None:
+    cfg, kwargs = _ac_odm_setup()
+    cfg = cfg.model_copy(update={"warmup_fraction": 0.0})
+    update_s = 1.5
+    spec = AgentActorSpec(
+        cfg,
+        OBS_SPACE,
+        ACT_SPACE,
+        mixer_kwargs={**kwargs, "step_sleep_s": update_s},
+        mixer_factory=make_slow_ac_odm,
+    )
+    remote = RemoteMixer(spec)
+    try:
+        remote.act(_trajectory(0)[0][0])  # warm the actor up (first call imports torch, builds)
+        caller_s = _loop_with_short_lm_steps(remote, steps=4, lm_step_s=0.05)
+        assert max(caller_s) < update_s / 3, caller_s
+        assert remote.drain() == 4
+        stats = remote.stats()
+        assert stats["overlapped"] == 1.0 and stats["max_policy_lag"] >= 2
     finally:
         remote.close()
