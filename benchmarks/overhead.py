@@ -23,7 +23,7 @@ one torch thread, 8 micro-batches of 2 x 64 tokens per optimiser step):
    in-process runs; Ray Train's fixed start-up and tear-down time is reported apart.
 
 5. **An agent slower than the LM** (``slow`` part): AC-ODM with ``updates_per_step`` raised
-   (``--slow-updates``, default 64) so one ``update()`` takes longer than an LM step, in the actor's
+   (``--slow-updates``, default 200) so one ``update()`` takes longer than an LM step, in the actor's
    overlapped mode (``ray.agent_async: true``, the default: ``act`` answers from the published policy)
    and its ordered mode (``false``: ``act`` waits for the update in flight). The two loops take turns
    in blocks; each block starts from a drained actor (the drain is not timed). Reported: ``act`` in
@@ -423,7 +423,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train-pairs", type=int, default=2, help="Ray Train runs (each between two in-process runs)"
     )
     p.add_argument(
-        "--slow-updates", type=int, default=64, help="updates_per_step of the slow-agent part (default 64)"
+        "--slow-updates", type=int, default=200, help="updates_per_step of the slow-agent part (default 200)"
     )
     p.add_argument(
         "--skip", nargs="*", default=[], choices=["steps", "memory", "train", "slow"], help="parts to skip"

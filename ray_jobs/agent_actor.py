@@ -132,6 +132,11 @@ class AgentActor:
         self._release()
         return weights
 
+    def act_and_poll(self, obs: np.ndarray, explore: bool = True) -> tuple[np.ndarray, dict[str, float]]:
+        """``act`` and ``poll_metrics`` in one call: the remote loop's one round trip per step."""
+        weights = self.act(obs, explore)
+        return weights, self.poll_metrics()
+
     def observe(
         self,
         obs: np.ndarray,
@@ -379,10 +384,12 @@ class RemoteMixer:
     """The ``Mixer`` methods over an agent actor handle, for the run loop.
 
     ``act``, ``state_dict``, ``load_state_dict`` block; ``observe`` does not (its result is checked at
-    the next ``act``, so an error in it still surfaces). ``update`` does not train: the actor updates
-    by itself after each ``observe`` (``auto_update``); it returns the metrics of updates that finished
-    since the previous call ({} if none), which is what the ledger's ``agent/*`` columns want. With
-    ``auto_update=False`` it runs one update remotely and waits for it.
+    the next ``act``, so an error in it still surfaces). ``update`` does not train and does not call
+    the actor: the actor updates by itself after each ``observe`` (``auto_update``), and each ``act``
+    brings back the metrics of the updates finished since the previous one (``act_and_poll``: one
+    round trip per step, not two); ``update`` returns those ({} if none), which is what the ledger's
+    ``agent/*`` columns want, as of the last ``act`` or ``drain``. With ``auto_update=False`` it runs
+    one update remotely and waits for it.
 
     Picklable (the spec and the handle travel; in-flight results do not), so the same object can go
     into ``train_loop_config``.
@@ -393,6 +400,7 @@ class RemoteMixer:
         self.timeout_s = timeout_s
         self.handle = create_agent_actor(spec) if handle is None else handle
         self._inflight: list[Any] = []
+        self._polled: dict[str, float] = {}  # metrics brought back by act/drain, not yet returned by update
 
     @property
     def kind(self) -> str:
@@ -409,13 +417,20 @@ class RemoteMixer:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._inflight = []
+        self._inflight, self._polled = [], {}
 
     def act(self, obs: np.ndarray, *, explore: bool = True) -> np.ndarray:
-        """The next mixture; also surfaces an error from an earlier ``observe``."""
-        refs = [*self._inflight, self.handle.act.remote(obs, explore)]
+        """The next mixture; also surfaces an error from an earlier ``observe`` and (auto mode) collects
+        the metrics of updates finished since the previous ``act``."""
+        if not self.spec.auto_update:
+            refs = [*self._inflight, self.handle.act.remote(obs, explore)]
+            self._inflight = []
+            return _get(refs, self.timeout_s)[-1]
+        refs = [*self._inflight, self.handle.act_and_poll.remote(obs, explore)]
         self._inflight = []
-        return _get(refs, self.timeout_s)[-1]
+        weights, metrics = _get(refs, self.timeout_s)[-1]
+        self._keep(metrics)
+        return weights
 
     def observe(
         self,
@@ -432,11 +447,18 @@ class RemoteMixer:
             _get(done)
 
     def update(self) -> dict[str, float]:
-        """Metrics of updates finished since the last call (auto mode), or one remote update."""
-        method = self.handle.poll_metrics if self.spec.auto_update else self.handle.update
-        refs = [*self._inflight, method.remote()]
+        """Auto mode: the metrics of the newest update finished by the last ``act``/``drain`` and not
+        returned yet ({} if none; no actor call). Otherwise: one remote update, waited for."""
+        if self.spec.auto_update:
+            metrics, self._polled = self._polled, {}
+            return metrics
+        refs = [*self._inflight, self.handle.update.remote()]
         self._inflight = []
         return _get(refs, self.timeout_s)[-1]
+
+    def _keep(self, metrics: Mapping[str, float]) -> None:
+        if metrics:  # poll_metrics returns the newest finished update's metrics, {} when none is new
+            self._polled = dict(metrics)
 
     def state_dict(self) -> dict[str, Any]:
         """The agent's full state after every queued update (for checkpoints)."""
@@ -447,8 +469,12 @@ class RemoteMixer:
         _get(self.handle.load_state_dict.remote(state), self.timeout_s)
 
     def drain(self) -> int:
-        """Wait for the actor's queued updates; returns the number of updates done."""
-        return _get(self.handle.drain.remote(), self.timeout_s)
+        """Wait for the actor's queued updates (and collect their metrics); returns the updates done."""
+        refs = [*self._inflight, self.handle.drain.remote(), self.handle.poll_metrics.remote()]
+        self._inflight = []
+        *_, done, metrics = _get(refs, self.timeout_s)
+        self._keep(metrics)
+        return done
 
     def latest_metrics(self) -> dict[str, float]:
         """The last finished update's metrics."""
@@ -462,7 +488,7 @@ class RemoteMixer:
         """Replace the actor (dead or alive) with a new one loaded from ``state`` (e.g. the last checkpoint)."""
         with contextlib.suppress(Exception):
             ray.kill(self.handle, no_restart=True)
-        self._inflight = []
+        self._inflight, self._polled = [], {}
         if self.spec.name is not None:
             _wait_name_free(self.spec.name, self.spec.namespace)
         self.handle = create_agent_actor(self.spec, state)

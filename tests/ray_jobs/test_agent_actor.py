@@ -191,6 +191,34 @@ def test_observe_and_act_do_not_block_on_a_slow_update(ray_session) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
+def test_update_returns_the_metrics_act_brought_back_without_calling_the_actor(ray_session) -> None:
+    import ray
+
+    traj = _trajectory(3)
+    local = _local()  # the actor's order: update 1 is released by act 1 and runs after it
+    local.act(traj[0][0])
+    local.observe(traj[0][0], np.full(K, 1 / K), traj[0][1], traj[1][0], {})
+    local.act(traj[1][0])
+    expected = local.update()
+    remote = RemoteMixer(_spec())
+    try:
+        remote.act(traj[0][0])
+        remote.observe(traj[0][0], np.full(K, 1 / K), traj[0][1], traj[1][0], {})
+        remote.act(traj[1][0])
+        assert remote.update() == {}  # update 1 had not finished when act 1 was answered
+        deadline = time.monotonic() + 30
+        while remote.stats()["updates_done"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        remote.act(traj[2][0])  # one round trip: the mixture and the finished update's metrics
+        ray.kill(remote.handle, no_restart=True)
+        assert remote.update() == expected  # served from what act brought back: the actor is dead
+        assert remote.update() == {}  # returned once
+    finally:
+        remote.close()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
 def test_killed_actor_recreated_from_state_gives_the_same_next_action(ray_session) -> None:
     import ray
 
