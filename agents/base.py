@@ -98,6 +98,18 @@ def _import_implementations() -> None:
         importlib.import_module(module)
 
 
+def mixer_learns(kind: str) -> bool:
+    """Whether the mixer registered as ``kind`` learns from transitions (``BaseMixer.learns``).
+
+    Raises:
+        ValueError: ``kind`` is not a registered mixer.
+    """
+    _import_implementations()
+    if kind not in _REGISTRY:
+        raise ValueError(f"agent.kind = {kind!r} is not a known mixer; expected one of {sorted(_REGISTRY)}")
+    return bool(_REGISTRY[kind].learns)
+
+
 def build_mixer(
     config: AgentConfig,
     observation_space: spaces.Space,
@@ -192,6 +204,10 @@ class BaseMixer:
     """
 
     kind: str = "base"
+    # False for a mixer that never changes its mixture from what it observes (the static ones): the
+    # Ray path then runs it on rank 0 instead of in an agent actor (no round trip per step to a process
+    # that has nothing to learn).
+    learns: bool = True
 
     def __init__(
         self,

@@ -24,6 +24,8 @@ from agents.base import BaseMixer, register_mixer
 class StaticMixer(BaseMixer):
     """One mixture for the whole run (``config.kind`` in ``uniform``, ``natural``, ``fixed``)."""
 
+    learns = False
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         k = self.num_domains

@@ -3,7 +3,8 @@
 ``acodm train`` runs in three places, and ``connect`` handles each:
 
 * **Local, no cluster** (no ``ray.address``, no ``RAY_ADDRESS``): start an embedded Ray with the
-  machine's CPUs, bound to 127.0.0.1, without the dashboard unless asked.
+  machine's CPUs, bound to 127.0.0.1, without the dashboard unless asked, and with its workers at
+  the driver's niceness (``local_system_config``).
 * **Inside ``ray job submit``**: the job supervisor sets ``RAY_ADDRESS`` to the cluster's GCS address and
   gives the job the submitted ``--working-dir`` as its runtime env, which every task and actor of the
   job inherits. So no ``runtime_env`` is needed here (``job_runtime_env`` returns None).
@@ -41,6 +42,11 @@ CONNECT_TIMEOUT_S = 3.0
 PROJECT_PACKAGES = ("envs", "agents", "ray_jobs", "analysis")
 # Set by the Ray job supervisor in the environment of a submitted job's entrypoint.
 _JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# Ray's raylet starts every worker process (Ray Train workers, the agent actor, Ray Train's controller)
+# at this niceness; Ray's default is 15, read from this environment variable when the raylet starts.
+WORKER_NICENESS_ENV_VAR = "RAY_worker_niceness"
+# The niceness of the workers of a local Ray started by ``connect``: the same as the driver's.
+LOCAL_WORKER_NICENESS = 0
 
 
 class InsufficientResourcesError(ValueError):
@@ -127,6 +133,21 @@ def local_num_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def local_system_config() -> dict[str, Any]:
+    """``_system_config`` for a local Ray started by ``connect``: workers at the driver's priority.
+
+    Ray starts workers at niceness 15 so that its daemons stay responsive when workers saturate the
+    CPUs. Here the workers are the job: at niceness 15 the Ray Train worker yields its core to every
+    other runnable process (Ray's own daemons, the driver, anything else on the machine): on 2 cores
+    with one other busy process, the same training step ran 12% slower in a niceness-15 Ray worker
+    than in-process, and 2% slower at niceness 0 (benchmarks/probe_ray_slowdown/). An explicit ``RAY_worker_niceness`` in the environment wins.
+    A cluster started elsewhere keeps its own setting (``RAY_worker_niceness=0 ray start ...``).
+    """
+    if WORKER_NICENESS_ENV_VAR in os.environ:
+        return {}
+    return {"worker_niceness": LOCAL_WORKER_NICENESS}
+
+
 def job_runtime_env(address: str | None) -> dict[str, Any] | None:
     """The ``runtime_env`` a driver needs so that remote workers can import the project.
 
@@ -167,6 +188,7 @@ def connect(
             num_cpus=num_cpus,
             include_dashboard=include_dashboard,
             _node_ip_address="127.0.0.1",
+            _system_config=local_system_config() or None,
             configure_logging=False,
         )
     else:

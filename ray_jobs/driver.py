@@ -13,10 +13,13 @@ observation. A resumed run truncates the ledger to the checkpoint, so every step
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import math
 import os
+import platform
 import shutil
 import sys
 import time
@@ -32,6 +35,16 @@ from ray_jobs.config import ExperimentConfig, save_config
 from ray_jobs.ledger import LEDGER_FILE, Ledger, signals_row
 
 log = logging.getLogger(__name__)
+
+# glibc malloc parameters for a training process (mallopt parameter numbers from <malloc.h>). The
+# mmap threshold is the largest glibc accepts on 64-bit (HEAP_MAX_SIZE / 2); the top pad is one
+# thread-arena heap, so that a heap the training thread empties at the end of a step stays mapped.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+MALLOC_SETTINGS = {
+    _M_MMAP_THRESHOLD: 32 * 1024 * 1024,
+    _M_TRIM_THRESHOLD: 1024 * 1024 * 1024,
+    _M_TOP_PAD: 64 * 1024 * 1024,
+}
 
 CKPT_DIR = "checkpoints"
 CKPT_VERSION = 1
@@ -498,6 +511,36 @@ def remove_file_log(handler: logging.Handler) -> None:
     handler.close()
 
 
+def configure_malloc() -> bool:
+    """Keep the LM's per-step tensors in malloc's heap instead of taking fresh pages from the kernel.
+
+    glibc serves blocks above its mmap threshold with new mmap'd pages, and gives freed heap tops and
+    emptied thread-arena heaps back to the kernel; the threshold moves with the allocation history (it
+    rises to the size of each mmap'd block freed). So every step's activations and gradients fault in
+    new zeroed pages, and how many depends on the process's history: 2k-24k minor faults per step of
+    the tiny LM, 5-50 ms of kernel time in a ~300 ms step, different in every process. That was the
+    whole per-step difference between a Ray Train worker and the in-process loop (their user CPU time
+    per step agreed within 1%; benchmarks/probe_ray_slowdown/). Fixed thresholds, which also turn the
+    adjustment off, leave under 100 faults per step; the cost is that freed memory stays in the process
+    (its resident size stays at the step's peak, which the next step needs again anyway).
+
+    Returns:
+        True if the settings were applied (glibc); False elsewhere (musl, macOS), where nothing changes.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    applied = all(mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.items())
+    if not applied:
+        log.warning("glibc mallopt refused %s; per-step page faults stay as they were", MALLOC_SETTINGS)
+    return applied
+
+
 def run_local(
     cfg: ExperimentConfig,
     resume: Path | None = None,
@@ -508,6 +551,7 @@ def run_local(
     """Run a whole experiment in this process, without Ray (the debugging path)."""
     run_dir, ckpt_path = prepare_run_dir(cfg, resume)
     handler = add_file_log(run_dir)
+    configure_malloc()  # as a Ray Train worker does: the two paths step at the same speed
     warn_about_reward_coverage(cfg)
     env = None
     sink = None

@@ -14,12 +14,14 @@ about a controller poll (seconds on a small machine), so never every step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from ray_jobs.driver import (
     add_file_log,
     build_env,
     build_local_mixer,
+    configure_malloc,
     finish_run,
     load_checkpoint,
     load_latest_checkpoint,
@@ -41,6 +44,13 @@ from ray_jobs.driver import (
 )
 
 log = logging.getLogger(__name__)
+
+# Ray Train V2 settings for a run on a local Ray (no ray.address / RAY_ADDRESS: started by ``connect``
+# or by the caller on this machine). The preemption watcher is an actor that polls Ray for the draining
+# of nodes (spot instances); a local Ray is this one machine and is never drained, so the watcher is
+# only one more process waking up ~150 times a second next to the training worker, and the source of
+# an ERROR line in every run's log (benchmarks/probe_ray_slowdown/).
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 class RecoveringMixer:
@@ -115,9 +125,31 @@ def _slim_info(info: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- worker side
+class _DropReportEcho(logging.Filter):
+    """Drops Ray Train V2's INFO line that echoes every ``ray.train.report`` with its whole metrics dict
+    from every worker (dozens of lines of numbers per evaluation; the run's own log line has them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Reporting training result")
+
+
+def _quiet_report_echo() -> None:
+    """Install ``_DropReportEcho`` on Ray Train's execution-context logger (an internal module: if it
+    moves in another Ray version, the echo simply stays)."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logger = getattr(context, "logger", None)
+    if isinstance(logger, logging.Logger) and not any(isinstance(f, _DropReportEcho) for f in logger.filters):
+        logger.addFilter(_DropReportEcho())
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the typed config first, then the shared run loop."""
     cfg = ExperimentConfig.from_dict(config["experiment"], source="train_loop_config")
+    _quiet_report_echo()
+    malloc_fixed = configure_malloc()  # before the model and optimizer allocate
     import ray
     import ray.train
     import torch
@@ -130,6 +162,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(cfg.lm.num_threads)
     run_dir = Path(config["run_dir"])
     handler = add_file_log(run_dir) if rank == 0 else None
+    # What can set this worker's step time apart from the in-process run's: Ray starts workers at
+    # niceness 15 unless told otherwise (cluster.local_system_config), sets OMP_NUM_THREADS from the
+    # worker's CPUs, and runs this function in a thread of its own (a separate malloc arena).
+    log.info(
+        "rank %d: pid %d, niceness %d, torch threads %d (inter-op %d), OMP_NUM_THREADS=%s, fixed malloc "
+        "thresholds %s", rank, os.getpid(), os.nice(0), torch.get_num_threads(),
+        torch.get_num_interop_threads(), os.environ.get("OMP_NUM_THREADS", "unset"), malloc_fixed,
+    )
     env = build_env(cfg)
     mixer: Any = None
     sink: Any = None
@@ -183,10 +223,16 @@ def _restart_state(run_dir: Path, rank: int) -> dict[str, Any] | None:
 
 
 def _make_mixer(cfg: ExperimentConfig, env: Any, run_dir: Path) -> Any:
-    """The agent as a Ray actor when Ray is up (a cluster run), in-process otherwise (local mode)."""
+    """The agent as a Ray actor when Ray is up (a cluster run), in-process otherwise (local mode).
+
+    A static mixture (``uniform``, ``natural``, ``fixed``: nothing to learn) always runs in-process on
+    rank 0: an actor would only add a round trip per step (benchmarks/overhead.py, part 4).
+    """
     import ray
 
-    if not ray.is_initialized():
+    from agents.base import mixer_learns
+
+    if not ray.is_initialized() or not mixer_learns(cfg.agent.kind):
         return build_local_mixer(cfg, env, run_dir)
     from ray_jobs.agent_actor import AgentActorSpec, RemoteMixer
 
@@ -265,6 +311,23 @@ def build_trainer(
     )
 
 
+@contextlib.contextmanager
+def env_defaults(values: Mapping[str, str]) -> Iterator[None]:
+    """Set the environment variables not already set, for the block only (an explicit setting wins).
+
+    Ray Train V2 copies its ``RAY_TRAIN_*`` variables from the driver's environment to the controller
+    and workers when ``fit`` starts them, so they must be set around ``fit``.
+    """
+    added = [name for name in values if name not in os.environ]
+    for name in added:
+        os.environ[name] = values[name]
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def run_train(
     cfg: ExperimentConfig,
     resume: Path | None = None,
@@ -284,11 +347,12 @@ def run_train(
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     start = time.perf_counter()
     # the dashboard's state API keeps Ray Train's placement-group cleaner quiet (platform notes §3)
-    with connect(cfg, include_dashboard=True):
+    with connect(cfg, include_dashboard=True) as address:
         check_resources(cfg.ray.num_workers, cfg.ray.resources_per_worker, cfg.ray.use_gpu, cfg.ray.agent_resources)
         uri = prepare_tracking(cfg)[0] if cfg.tracking.enabled else None
         trainer = build_trainer(cfg, run_dir, resume_from=ckpt, parent_run_id=parent_run_id, tags=tags)
-        result = trainer.fit()
+        with env_defaults(LOCAL_TRAIN_ENV if address is None else {}):
+            result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     summary = {

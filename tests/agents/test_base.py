@@ -139,3 +139,12 @@ def test_projection_is_idempotent_on_the_floored_simplex() -> None:
 def test_projection_rejects_non_finite_weights() -> None:
     with pytest.raises(ValueError, match="finite"):
         project_to_simplex(np.array([0.5, np.nan]))
+
+
+def test_mixer_learns_says_which_kinds_need_an_agent_process() -> None:
+    from agents.base import mixer_learns
+
+    assert [k for k in mixer_kinds() if not mixer_learns(k)] == ["fixed", "natural", "uniform"]
+    assert mixer_learns("ac_odm") and mixer_learns("exp3") and mixer_learns("smoothed_mean")
+    with pytest.raises(ValueError, match="'nope' is not a known mixer"):
+        mixer_learns("nope")

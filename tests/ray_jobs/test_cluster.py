@@ -97,7 +97,22 @@ def test_connect_local_starts_ray_on_all_cpus(tmp_path: Path, monkeypatch: pytes
     assert calls[0]["num_cpus"] == cluster.local_num_cpus()
     assert calls[0]["include_dashboard"] is False
     assert calls[0]["_node_ip_address"] == "127.0.0.1"
+    assert calls[0]["_system_config"] == {"worker_niceness": 0}  # workers at the driver's priority
     assert calls[-1] == "shutdown"
+
+
+def test_connect_local_keeps_an_explicit_worker_niceness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_worker_niceness", "10")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    with connect(tiny_config(tmp_path)):
+        pass
+    assert calls[0]["_system_config"] is None  # Ray reads the user's RAY_worker_niceness itself
 
 
 def test_job_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -192,3 +192,31 @@ def test_domains_differing_from_the_manifest_fail_before_training(prepared: Path
     with pytest.raises(ValueError, match="delta"):
         run_local(cfg)
     assert not (tmp_path / "t" / "ledger.parquet").exists()
+
+
+def test_configure_malloc_applies_on_glibc_and_stops_per_step_page_faults() -> None:
+    # In a child process (the settings are process-wide): a thread (Ray Train runs the loop in one)
+    # allocates and frees step-like tensors of 2-14 MiB, 20 times. glibc's default, self-adjusting
+    # thresholds hand most of them fresh pages each time: ~43k minor faults measured on the dev VM;
+    # with the fixed thresholds the heap is reused: ~5.7k (mostly the first round).
+    code = """
+import platform, resource, threading
+import numpy as np
+from ray_jobs.driver import configure_malloc
+applied = configure_malloc()
+assert applied == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"), applied
+def steps():
+    for i in range(20):
+        tensors = [np.ones((1 + (i + j) % 7) * 256 * 1024) for j in range(6)]
+        del tensors
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+worker = threading.Thread(target=steps)
+worker.start()
+worker.join()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    applied, faults = out.stdout.split()
+    if applied == "True":
+        assert int(faults) < 15_000, faults
