@@ -99,12 +99,15 @@ def ray_init(num_cpus: int | None = None) -> None:
     """A local Ray for the agent actor (no dashboard: it is not part of what is measured)."""
     import ray
 
+    from ray_jobs.cluster import local_system_config
+
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
         _node_ip_address="127.0.0.1",
+        _system_config=local_system_config() or None,  # workers at niceness 0, as `acodm train` starts them
     )
 
 
@@ -555,6 +558,9 @@ def render(args: argparse.Namespace, parts: dict[str, Any], header: dict[str, st
 def main(argv: list[str] | None = None) -> int:
     """Run the parts, print the tables, optionally append them to RESULTS.md."""
     args = parse_args(argv)
+    from ray_jobs.driver import configure_malloc
+
+    configure_malloc()  # this process runs the loops: the malloc settings every training process has
     if args.memory_child:
         memory_child(args)
         return 0
