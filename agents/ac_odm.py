@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class ActorCriticMixer(BaseMixer):
     """
 
     concurrent_update = True  # ``update`` may overlap ``act``/``observe`` on another thread
+    acts_from_snapshot = True  # a copy can act from the learner's published policy (split acting)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -213,8 +215,7 @@ class ActorCriticMixer(BaseMixer):
         (``info["reward_valid"]`` false: no Gram matrix, a skipped LM step) or with non-finite values
         is dropped, so the critic never fits placeholder rewards (spec B14).
         """
-        obs_S, next_obs_S = self._check_obs(obs, "obs"), self._check_obs(next_obs, "next_obs")
-        weights_K = self._check_weights(info["weights_K"] if "weights_K" in info else weights)
+        obs_S, weights_K, next_obs_S = self._check_transition(obs, weights, next_obs, info)
         rewards_K = None if self.frozen else self._check_vector_info(info, "reward_parts_K")
         if self.in_warmup:
             self.teacher.observe(obs_S, weights_K, reward, next_obs_S, info)
@@ -232,6 +233,78 @@ class ActorCriticMixer(BaseMixer):
                 return
             self.replay_buffer.add(obs_S, weights_K, rewards_K, next_obs_S)
             self.update_credit += self.config.updates_per_step
+
+    def _check_transition(
+        self, obs: np.ndarray, weights: np.ndarray, next_obs: np.ndarray, info: Mapping[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        obs_S, next_obs_S = self._check_obs(obs, "obs"), self._check_obs(next_obs, "next_obs")
+        weights_K = self._check_weights(info["weights_K"] if "weights_K" in info else weights)
+        return obs_S, weights_K, next_obs_S
+
+    # -- split acting: a copy acts (rank 0), this instance learns (the agent actor) -------------------
+    def observe_acting(
+        self,
+        obs: np.ndarray,
+        weights: np.ndarray,
+        reward: float,
+        next_obs: np.ndarray,
+        info: Mapping[str, Any],
+    ) -> None:
+        """The acting copy's ``observe``: count the decision and, during warmup, feed the ODM teacher
+        (what ``act`` depends on besides the policy); the replay buffer is the learner's alone."""
+        obs_S, weights_K, next_obs_S = self._check_transition(obs, weights, next_obs, info)
+        if self.in_warmup:
+            self.teacher.observe(obs_S, weights_K, reward, next_obs_S, info)
+        with self._data_lock:
+            self.num_decisions += 1
+
+    def policy_snapshot(self, since_version: int = -1) -> dict[str, Any] | None:
+        """The published acting policy: ``{"version": policy_version, "actor": {name: float array}}``,
+        copied under the policy lock (never half an update), as numpy arrays so it crosses processes
+        without torch pickling; None when ``policy_version <= since_version`` (nothing new to send)."""
+        with self._policy_lock, torch.no_grad():
+            if self.policy_version <= since_version:
+                return None
+            actor = {k: v.detach().to("cpu").numpy().copy() for k, v in self._acting.state_dict().items()}
+            return {"version": self.policy_version, "actor": actor}
+
+    def load_policy_snapshot(self, snapshot: Mapping[str, Any]) -> None:
+        """Act from ``snapshot`` (another instance's ``policy_snapshot``): copy it into the back buffer,
+        then swap, as an update publishes. ``policy_version`` becomes the snapshot's.
+
+        Raises:
+            ValueError: the snapshot's tensors do not match this actor's names and shapes.
+        """
+        arrays = snapshot["actor"]
+        target = self._acting_back.state_dict()
+        if set(arrays) != set(target):
+            raise ValueError(
+                f"policy snapshot has tensors {sorted(arrays)}, this actor has {sorted(target)}"
+            )
+        with warnings.catch_warnings(), torch.no_grad():
+            # Ray hands read-only arrays; they are only read here (copied into our own buffer).
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for name, dst in target.items():
+                src = torch.from_numpy(np.asarray(arrays[name]))
+                if src.shape != dst.shape:
+                    raise ValueError(
+                        f"policy snapshot tensor {name!r} has shape {tuple(src.shape)}, "
+                        f"this actor's has {tuple(dst.shape)}"
+                    )
+                dst.copy_(src)
+        with self._policy_lock:
+            self._acting, self._acting_back = self._acting_back, self._acting
+            self.policy_version = int(snapshot["version"])
+
+    def acting_state(self) -> dict[str, Any]:
+        """What ``act`` changes: the exploration generator's state and the noise decay's clock."""
+        return {"explore_rng": self.explore_rng.bit_generator.state, "num_explore": self.num_explore}
+
+    def load_acting_state(self, state: Mapping[str, Any]) -> None:
+        """Take over an acting copy's ``acting_state`` (the learner does, with every transition, so its
+        ``state_dict`` is the whole agent's)."""
+        self.explore_rng.bit_generator.state = state["explore_rng"]
+        self.num_explore = int(state["num_explore"])
 
     def update(self) -> dict[str, float]:
         """Run the gradient updates owed (``updates_per_step`` per stored transition); the mean metrics

@@ -104,10 +104,24 @@ def mixer_learns(kind: str) -> bool:
     Raises:
         ValueError: ``kind`` is not a registered mixer.
     """
+    return bool(_mixer_class(kind).learns)
+
+
+def mixer_acts_from_snapshot(kind: str) -> bool:
+    """Whether the mixer registered as ``kind`` can act from a copy of another instance's policy
+    (``BaseMixer.acts_from_snapshot``: the split-acting methods are implemented).
+
+    Raises:
+        ValueError: ``kind`` is not a registered mixer.
+    """
+    return bool(_mixer_class(kind).acts_from_snapshot)
+
+
+def _mixer_class(kind: str) -> type[BaseMixer]:
     _import_implementations()
     if kind not in _REGISTRY:
         raise ValueError(f"agent.kind = {kind!r} is not a known mixer; expected one of {sorted(_REGISTRY)}")
-    return bool(_REGISTRY[kind].learns)
+    return _REGISTRY[kind]
 
 
 def build_mixer(
@@ -208,6 +222,12 @@ class BaseMixer:
     # Ray path then runs it on rank 0 instead of in an agent actor (no round trip per step to a process
     # that has nothing to learn).
     learns: bool = True
+    # True for a mixer that implements the split-acting methods below: one instance (the learner, in
+    # the agent actor) learns and publishes ``policy_snapshot``; another (the acting copy, on rank 0)
+    # acts from the snapshots it is handed, records decisions with ``observe_acting`` and hands its
+    # ``acting_state`` (exploration RNG and clock) back with each transition. Acting then costs no
+    # round trip per step (``ray_jobs.agent_actor.LocalActingMixer``).
+    acts_from_snapshot: bool = False
 
     def __init__(
         self,
@@ -255,6 +275,35 @@ class BaseMixer:
         self.natural_weights_K = (
             None if natural_weights is None else self._check_distribution(natural_weights)
         )
+
+    # -- split acting (only where ``acts_from_snapshot``) --------------------------------------------
+    def policy_snapshot(self, since_version: int = -1) -> dict[str, Any] | None:
+        """The published acting policy as plain arrays, ``{"version": int, ...}`` (a copy); None when
+        its version is not above ``since_version`` (the caller has it already)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot act from a policy snapshot")
+
+    def load_policy_snapshot(self, snapshot: Mapping[str, Any]) -> None:
+        """Act from now on from ``snapshot`` (another instance's ``policy_snapshot``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot act from a policy snapshot")
+
+    def acting_state(self) -> dict[str, Any]:
+        """What ``act`` changes (exploration RNG and clock), for the learner to carry in its state."""
+        raise NotImplementedError(f"{type(self).__name__} cannot act from a policy snapshot")
+
+    def load_acting_state(self, state: Mapping[str, Any]) -> None:
+        """Take over the acting copy's ``acting_state``, so ``state_dict`` holds the whole agent."""
+        raise NotImplementedError(f"{type(self).__name__} cannot act from a policy snapshot")
+
+    def observe_acting(
+        self,
+        obs: np.ndarray,
+        weights: np.ndarray,
+        reward: float,
+        next_obs: np.ndarray,
+        info: Mapping[str, Any],
+    ) -> None:
+        """Record of a transition only what ``act`` depends on (the acting copy's ``observe``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot act from a policy snapshot")
 
     # -- helpers for subclasses ----------------------------------------------------------------------
     def _check_distribution(self, weights_K: np.ndarray, name: str = "natural_weights") -> np.ndarray:

@@ -157,6 +157,37 @@ class AgentActor:
                     log.warning("agent updates are %d transitions behind the LM", _BACKLOG_WARNING)
                 self._state.notify_all()
 
+    def learn(
+        self,
+        obs: np.ndarray,
+        weights: np.ndarray,
+        reward: Any,
+        next_obs: np.ndarray,
+        info: Mapping[str, Any] | None = None,
+        acting_state: Mapping[str, Any] | None = None,
+        since_version: int = -1,
+    ) -> dict[str, Any]:
+        """The learner's side of split acting (``LocalActingMixer``; the caller acts from its own copy
+        of the policy): take over the caller's ``acting_state``, record the transition, run the update
+        it is owed now, and return the newly published policy.
+
+        Returns:
+            ``{"snapshot": policy_snapshot() or None if its version is not above since_version,
+            "metrics": the update's metrics, "learned": transitions learned from so far}``.
+        """
+        start = time.perf_counter()
+        with self._foreground():
+            if acting_state is not None:
+                self._mixer.load_acting_state(acting_state)
+            self._mixer.observe(obs, weights, reward, next_obs, {} if info is None else info)
+            metrics = dict(self._mixer.update())
+            snapshot = self._mixer.policy_snapshot(since_version)
+        with self._state:
+            self._observed += 1
+            learned = self._observed
+        self._record_update(metrics, time.perf_counter() - start)
+        return {"snapshot": snapshot, "metrics": metrics, "learned": learned}
+
     def update(self) -> dict[str, float]:
         """Run one ``update()`` now, in the caller's order (the ``auto_update=False`` mode)."""
         start = time.perf_counter()
@@ -499,6 +530,208 @@ class RemoteMixer:
         with contextlib.suppress(Exception):
             ray.kill(self.handle, no_restart=True)
         self._inflight = []
+
+
+class LocalActingMixer:
+    """Split acting: the caller (rank 0) acts from its own copy of the agent's published policy; the
+    agent actor learns. For mixers with ``acts_from_snapshot`` (AC-ODM), the default of ``acodm train``.
+
+    Why: with ``RemoteMixer`` every LM step waits for one actor round trip (about 1-7 ms on a busy
+    CPU node: scheduling, pickling, the actor's thread). Here a step costs the acting copy's forward
+    pass and one fire-and-forget submission, and the actor never waits for the caller either.
+
+    Per step: ``act`` applies the newest policy snapshot the actor has sent back, then acts locally
+    (warmup teacher or actor network, exploration from the copy's own seeded generator: the same
+    stream the actor would have drawn). ``observe`` records the decision on the copy
+    (``observe_acting``) and submits ``AgentActor.learn`` with the transition and the copy's
+    ``acting_state``; the actor runs the update and replies with the newly published snapshot, the
+    update's metrics and how many transitions it has learned from.
+
+    * ``asynchronous=True`` (``ray.agent_async``): ``act`` uses whatever replies have arrived and never
+      waits; the policy lags by the transitions still in flight (``stats()["policy_lag"]``).
+    * ``asynchronous=False``: before acting at step t+1, wait for the reply to step t-1's transition and
+      never use step t's even if it is already back: the policy lags by exactly one update, as in the
+      ordered ``RemoteMixer``, and the run repeats exactly (the two schedules act identically).
+
+    The actor holds the whole agent (its ``state_dict`` includes the copy's exploration state, handed
+    over with every transition), so checkpoints, ``restart`` and ``load_state_dict`` work as with
+    ``RemoteMixer``; after a restore the copy reloads the same state. The copy runs on CPU whatever
+    ``agent.device`` says (a forward pass of the actor network; no optimiser, no replay buffer use).
+    """
+
+    def __init__(
+        self,
+        spec: AgentActorSpec,
+        handle: Any | None = None,
+        *,
+        asynchronous: bool = True,
+        timeout_s: float | None = None,
+    ) -> None:
+        # The actor must not queue background updates: learn() runs each update in the call itself.
+        spec = dataclasses.replace(spec, auto_update=False)
+        self.asynchronous = bool(asynchronous)
+        self.replica = self._build_replica(spec)
+        if not getattr(self.replica, "acts_from_snapshot", False):
+            raise ValueError(
+                f"agent.kind = {getattr(spec.agent_cfg, 'kind', '?')!r} cannot act from a policy "
+                "snapshot; use RemoteMixer (ray.agent_acting: actor)"
+            )
+        self.remote = RemoteMixer(spec, handle, timeout_s=timeout_s)
+        self._observed = 0  # transitions sent to the actor
+        self._max_lag = 0
+        # Both start from the same initial policy (same seed, or the same policy file): version 0.
+        self._reset_replies(version=0)
+
+    @staticmethod
+    def _build_replica(spec: AgentActorSpec) -> Any:
+        factory = spec.mixer_factory
+        if factory is None:
+            from agents.base import build_mixer
+
+            factory = build_mixer
+        cfg = spec.agent_cfg
+        if getattr(cfg, "device", "cpu") != "cpu":
+            cfg = cfg.model_copy(update={"device": "cpu"})
+        return factory(cfg, spec.observation_space, spec.action_space, **dict(spec.mixer_kwargs))
+
+    def _reset_replies(self, version: int) -> None:
+        """Forget replies in flight; ``version`` = the actor's policy version the copy now acts from
+        (-1 after a restore: the next reply then carries the actor's policy, whatever its version)."""
+        self._inflight: list[Any] = []  # learn() replies not yet applied, oldest first
+        self._polled: dict[str, float] = {}
+        self._version = version
+        self._learned = self._observed  # transitions in the policy the copy acts from
+
+    # -- what RecoveringMixer and the run loop use ----------------------------------------------------
+    @property
+    def spec(self) -> AgentActorSpec:
+        """The actor's spec (``auto_update`` off)."""
+        return self.remote.spec
+
+    @property
+    def handle(self) -> Any:
+        """The agent actor's handle."""
+        return self.remote.handle
+
+    @property
+    def kind(self) -> str:
+        """The mixer kind (``agent.kind``)."""
+        return self.remote.kind
+
+    @property
+    def domain_names(self) -> list[str]:
+        """The K domain names."""
+        return self.remote.domain_names
+
+    def act(self, obs: np.ndarray, *, explore: bool = True) -> np.ndarray:
+        """Apply the policy the actor has sent back (ordered: wait for step t-1's), then act locally."""
+        self._collect(wait=not self.asynchronous)
+        lag = self._observed - self._learned
+        self._max_lag = max(self._max_lag, lag)
+        return self.replica.act(obs, explore=explore)
+
+    def observe(
+        self,
+        obs: np.ndarray,
+        weights: np.ndarray,
+        reward: Any,
+        next_obs: np.ndarray,
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record the decision on the copy, send the transition to the actor without waiting."""
+        info = {} if info is None else info
+        self.replica.observe_acting(obs, weights, reward, next_obs, info)
+        self._inflight.append(
+            self.remote.handle.learn.remote(
+                obs, weights, reward, next_obs, info, self.replica.acting_state(), self._version
+            )
+        )
+        self._observed += 1
+        if len(self._inflight) == _BACKLOG_WARNING:
+            log.warning("agent updates are %d transitions behind the LM", _BACKLOG_WARNING)
+
+    def update(self) -> dict[str, float]:
+        """The metrics of the newest update whose reply the last ``act``/``drain`` applied and that were
+        not returned yet ({} if none; no actor call)."""
+        metrics, self._polled = self._polled, {}
+        return metrics
+
+    def drain(self) -> int:
+        """Wait for every reply and act from the newest policy; returns the transitions learned from."""
+        self._collect(wait=True, keep_newest=False)
+        return self._learned
+
+    def _collect(self, *, wait: bool, keep_newest: bool = True) -> None:
+        """Apply the replies that are due: ``wait`` = every one but the newest (``keep_newest``), blocking;
+        else those already back."""
+        if not self._inflight:
+            return
+        if wait:
+            split = len(self._inflight) - 1 if keep_newest else len(self._inflight)
+            due, self._inflight = self._inflight[:split], self._inflight[split:]
+        else:
+            due, self._inflight = ray.wait(self._inflight, num_returns=len(self._inflight), timeout=0)
+        if not due:
+            return
+        replies = sorted(_get(due, self.remote.timeout_s), key=lambda r: r["learned"])
+        newest = None
+        for reply in replies:
+            if reply["snapshot"] is not None:
+                newest = reply["snapshot"]
+            if reply["metrics"]:
+                self._polled = dict(reply["metrics"])
+        self._learned = max(self._learned, replies[-1]["learned"])
+        if newest is not None and newest["version"] > self._version:
+            self.replica.load_policy_snapshot(newest)
+            self._version = int(newest["version"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole agent from the actor (after every transition sent; it holds the copy's exploration
+        state as of the last one)."""
+        return self.remote.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the actor and the copy from ``state``."""
+        self.drain()
+        self.remote.load_state_dict(state)
+        self.replica.load_state_dict(state)
+        self._reset_replies(version=-1)
+
+    def latest_metrics(self) -> dict[str, float]:
+        """The last finished update's metrics (from the actor)."""
+        return self.remote.latest_metrics()
+
+    def stats(self) -> dict[str, float]:
+        """The actor's counters, with the policy lag measured here (transitions sent but not yet in the
+        policy the copy acted from); ``local_acting`` is 1.0."""
+        out = dict(self.remote.stats())
+        out.update(
+            policy_lag=float(self._observed - self._learned),
+            max_policy_lag=float(self._max_lag),
+            overlapped=float(self.asynchronous),
+            local_acting=1.0,
+        )
+        return out
+
+    def restart(self, state: Mapping[str, Any] | None) -> None:
+        """Replace the actor with one loaded from ``state``; the copy reloads ``state`` too (or starts
+        afresh when there is none), so both continue from the same agent."""
+        self.remote.restart(state)
+        if state is None:
+            self.replica = self._build_replica(self.remote.spec)
+        else:
+            self.replica.load_state_dict(state)
+        self._reset_replies(version=0 if state is None else -1)
+
+    def close(self) -> None:
+        """Kill the actor (transitions in flight are dropped)."""
+        self.remote.close()
+        self._inflight = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()  # replies in flight do not travel
+        state["_inflight"], state["_polled"] = [], {}
+        return state
 
 
 def _wait_name_free(name: str, namespace: str | None, timeout_s: float = 10.0) -> None:

@@ -50,6 +50,12 @@ class RayConfig(StrictModel):
         "so no LM step waits for the agent (which policy answers then depends on timing); false: act waits "
         "for the update in flight, the policy lags by exactly one update and the run repeats exactly.",
     )
+    agent_acting: Literal["local", "actor"] = Field(
+        "local",
+        description="local: rank 0 acts from a copy of the policy the agent actor publishes (no round trip "
+        "per step; the actor learns and holds the agent's state); actor: every act is a call to the agent "
+        "actor. Mixers that cannot act from a snapshot (the ODM bandits) always use the actor.",
+    )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts (-1 = unlimited).")
     storage_path: str | None = Field(None, description="Ray Train storage; null = the run's output_dir.")
     report_interval: int = Field(0, ge=0, description="Report to Ray Train every N steps; 0 = at eval/ckpt.")

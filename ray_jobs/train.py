@@ -54,7 +54,7 @@ LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 class RecoveringMixer:
-    """A ``RemoteMixer`` that survives the agent actor's death.
+    """A ``RemoteMixer`` or ``LocalActingMixer`` that survives the agent actor's death.
 
     It remembers the agent state of the last checkpoint (every checkpoint calls ``state_dict``); when
     a call finds the actor dead it recreates it from that state, logs the event and retries once.
@@ -226,15 +226,17 @@ def _make_mixer(cfg: ExperimentConfig, env: Any, run_dir: Path) -> Any:
     """The agent as a Ray actor when Ray is up (a cluster run), in-process otherwise (local mode).
 
     A static mixture (``uniform``, ``natural``, ``fixed``: nothing to learn) always runs in-process on
-    rank 0: an actor would only add a round trip per step (benchmarks/overhead.py, part 4).
+    rank 0: an actor would only add a round trip per step (benchmarks/overhead.py, part 4). AC-ODM acts
+    on rank 0 from the policy its actor publishes (``ray.agent_acting: local``, ``LocalActingMixer``);
+    the ODM bandits, or ``ray.agent_acting: actor``, ask the actor at every step (``RemoteMixer``).
     """
     import ray
 
-    from agents.base import mixer_learns
+    from agents.base import mixer_acts_from_snapshot, mixer_learns
 
     if not ray.is_initialized() or not mixer_learns(cfg.agent.kind):
         return build_local_mixer(cfg, env, run_dir)
-    from ray_jobs.agent_actor import AgentActorSpec, RemoteMixer
+    from ray_jobs.agent_actor import AgentActorSpec, LocalActingMixer, RemoteMixer
 
     kwargs = mixer_kwargs(cfg, env)
     spec = AgentActorSpec(
@@ -245,6 +247,8 @@ def _make_mixer(cfg: ExperimentConfig, env: Any, run_dir: Path) -> Any:
         resources=dict(cfg.ray.agent_resources),
         overlap_act=cfg.ray.agent_async,
     )
+    if cfg.ray.agent_acting == "local" and mixer_acts_from_snapshot(cfg.agent.kind):
+        return RecoveringMixer(LocalActingMixer(spec, asynchronous=cfg.ray.agent_async))
     return RecoveringMixer(RemoteMixer(spec))
 
 

@@ -490,3 +490,82 @@ def test_load_state_dict_publishes_the_loaded_actor() -> None:
     obs = np.linspace(-1, 1, S).astype(np.float32)
     target.load_state_dict(source.state_dict())
     np.testing.assert_array_equal(target.act(obs, explore=False), source.act(obs, explore=False))
+
+
+# -- split acting: a copy acts from the learner's snapshots (the Ray path's LocalActingMixer) --------------
+def _same_state(a: Any, b: Any, path: str = "state") -> None:
+    """Recursive equality of two state dicts (tensors and arrays exactly)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for key in a:
+            _same_state(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same_state(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b, err_msg=path)
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), path
+    else:
+        assert a == b, path
+
+
+def test_split_acting_copy_and_learner_make_the_same_run_as_one_mixer() -> None:
+    # warmup (the teacher) then exploring actor decisions; the copy acts, the learner learns and
+    # publishes, the copy takes each snapshot and hands its exploration state back with the transition
+    overrides = dict(warmup_fraction=0.25, updates_per_step=2.0)
+    single, learner, copy_ = (make_mixer(seed=4, total_steps=16, **overrides) for _ in range(3))
+    rng = np.random.default_rng(8)
+    obs = rng.normal(size=S).astype(np.float32)
+    sent = 0
+    for t in range(16):
+        weights = copy_.act(obs, explore=True)
+        np.testing.assert_array_equal(weights, single.act(obs, explore=True), err_msg=f"step {t}")
+        next_obs = rng.normal(size=S).astype(np.float32)
+        info = {"reward_parts_K": rng.normal(size=K), "loss_K": rng.uniform(2, 4, K), "weights_K": weights}
+        single.observe(obs, weights, 0.0, next_obs, info)
+        expected = single.update()
+        learner.load_acting_state(copy_.acting_state())
+        learner.observe(obs, weights, 0.0, next_obs, info)
+        got = learner.update()
+        _same_state(got, expected, f"metrics at step {t}")
+        copy_.observe_acting(obs, weights, 0.0, next_obs, info)
+        snapshot = learner.policy_snapshot(copy_.policy_version)
+        if snapshot is not None:
+            copy_.load_policy_snapshot(snapshot)
+            sent += 1
+        obs = next_obs
+    assert sent == 16  # every update published a new policy
+    assert len(copy_.replay_buffer) == 0  # the copy never stores transitions; the learner does
+    _same_state(learner.state_dict(), single.state_dict())
+
+
+def test_policy_snapshot_is_a_copy_and_none_when_nothing_is_new() -> None:
+    mixer = make_mixer()
+    feed(mixer, 4)
+    snapshot = mixer.policy_snapshot()
+    assert snapshot is not None and snapshot["version"] == mixer.policy_version == 4
+    assert mixer.policy_snapshot(since_version=4) is None
+    frozen = {k: v.copy() for k, v in snapshot["actor"].items()}
+    feed(mixer, 2)  # the learner moves on; the snapshot it handed out does not
+    for name, array in snapshot["actor"].items():
+        np.testing.assert_array_equal(array, frozen[name])
+    copy_ = make_mixer(seed=9)
+    copy_.load_policy_snapshot(snapshot)
+    assert copy_.policy_version == 4
+    other = make_mixer()  # the learner as it was at the snapshot: same seed, same 4 decisions
+    feed(other, 4)
+    obs = np.linspace(-1, 1, S).astype(np.float32)
+    np.testing.assert_array_equal(copy_.act(obs, explore=False), other.act(obs, explore=False))
+
+
+def test_load_policy_snapshot_rejects_another_architecture_naming_the_tensor() -> None:
+    wide = make_mixer(hidden_width=32)
+    with pytest.raises(ValueError, match=r"tensor '.*' has shape \(32, 7\), this actor's has \(16, 7\)"):
+        make_mixer().load_policy_snapshot(wide.policy_snapshot())
+    deep = make_mixer(num_hidden_layers=3)
+    with pytest.raises(ValueError, match="policy snapshot has tensors"):
+        make_mixer().load_policy_snapshot(deep.policy_snapshot())

@@ -15,6 +15,7 @@ from ray_jobs.agent_actor import (
     AgentActorDiedError,
     AgentActorSpec,
     AgentUpdateError,
+    LocalActingMixer,
     RemoteMixer,
 )
 from tests.ray_jobs.ray_helpers import LinearTestMixer, make_linear_mixer, make_slow_ac_odm
@@ -415,3 +416,113 @@ def test_remote_ac_odm_act_never_waits_for_a_slow_update(ray_session) -> None:
         assert stats["overlapped"] == 1.0 and stats["max_policy_lag"] >= 2
     finally:
         remote.close()
+
+
+# ----------------------------------------------------------------------------- split acting (AC-ODM)
+def test_learn_records_updates_and_returns_only_a_newer_policy() -> None:
+    from agents.base import build_mixer
+
+    cfg, kwargs = _ac_odm_setup()
+    actor = AgentActor(cfg, OBS_SPACE, ACT_SPACE, auto_update=False, **kwargs)
+    acting = build_mixer(cfg, OBS_SPACE, ACT_SPACE, **kwargs)  # the caller's copy
+    traj = _trajectory(3)
+    try:
+        for t in range(3):
+            obs = traj[t][0]
+            w = acting.act(obs)
+            reply = actor.learn(obs, w, 0.0, traj[t + 1][0], _ac_odm_info(w, t), acting.acting_state(), t)
+            assert reply["learned"] == t + 1
+            assert reply["snapshot"]["version"] == t + 1  # each update publishes one new policy
+            assert reply["metrics"]["agent/num_updates"] == t + 1
+        stale = actor.learn(obs, w, 0.0, obs, _ac_odm_info(w, 9), acting.acting_state(), since_version=99)
+        assert stale["snapshot"] is None  # the caller has it already: nothing crosses
+        assert actor.stats()["observed"] == 4 and actor.stats()["updates_done"] == 4
+        state = actor.state_dict()
+        assert state["explore_rng"] == acting.acting_state()["explore_rng"]  # the whole agent's state
+    finally:
+        actor.close()
+
+
+def _split_run(mixer, steps: int, *, drain: bool) -> tuple[list[np.ndarray], list[dict]]:
+    traj, weights, metrics = _trajectory(steps), [], []
+    for t in range(steps):
+        obs, reward = traj[t]
+        w = mixer.act(obs, explore=True)
+        mixer.observe(obs, w, reward, traj[t + 1][0], _ac_odm_info(w, t))
+        if drain:
+            mixer.drain()
+        metrics.append(mixer.update())
+        weights.append(w)
+    return weights, metrics
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_local_acting_matches_the_in_process_mixer_and_recovers_from_a_kill(ray_session, one_torch_thread) -> None:
+    import ray
+
+    from agents.base import build_mixer
+
+    cfg, kwargs = _ac_odm_setup()
+    local = build_mixer(cfg, OBS_SPACE, ACT_SPACE, **kwargs)
+    split = LocalActingMixer(AgentActorSpec(cfg, OBS_SPACE, ACT_SPACE, mixer_kwargs=kwargs, num_threads=1))
+    try:
+        # drained after each transition, the copy acts from the policy that learned from it: the
+        # in-process schedule, action for action and metric for metric (warmup, then exploration)
+        got_w, got_m = _split_run(split, 6, drain=True)
+        want_w, want_m = _split_run(local, 6, drain=False)
+        for t in range(6):
+            np.testing.assert_array_equal(got_w[t], want_w[t], err_msg=f"step {t}")
+            assert got_m[t] == want_m[t]
+        assert {"agent/critic_loss", "agent/actor_loss"} <= set(got_m[-1])
+        stats = split.stats()
+        assert stats["local_acting"] == 1.0 and stats["observed"] == 6 and stats["policy_lag"] == 0
+        state = split.state_dict()
+        assert state["counters"] == local.state_dict()["counters"]
+        ray.kill(split.handle)
+        split.restart(state)  # the actor and the copy both come back from the state
+        obs = _trajectory(8)[7][0]
+        np.testing.assert_array_equal(split.act(obs), local.act(obs))
+    finally:
+        split.close()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ordered_local_acting_acts_exactly_like_the_ordered_actor(ray_session, one_torch_thread) -> None:
+    # ray.agent_async: false, both placements: the policy lags by exactly one update in each, so the
+    # runs are identical, and repeatable; without draining anything
+    cfg, kwargs = _ac_odm_setup()
+    spec = AgentActorSpec(cfg, OBS_SPACE, ACT_SPACE, mixer_kwargs=kwargs, num_threads=1, overlap_act=False)
+    split, remote = LocalActingMixer(spec, asynchronous=False), RemoteMixer(spec)
+    try:
+        split_w, _ = _split_run(split, 9, drain=False)
+        remote_w, _ = _split_run(remote, 9, drain=False)
+        for t in range(9):
+            np.testing.assert_array_equal(split_w[t], remote_w[t], err_msg=f"step {t}")
+        assert not np.allclose(split_w[3], split_w[8])  # the policy did move
+        assert split.stats()["max_policy_lag"] == 1
+    finally:
+        split.close()
+        remote.close()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_local_acting_never_waits_for_a_slow_update(ray_session) -> None:
+    cfg, kwargs = _ac_odm_setup()
+    cfg = cfg.model_copy(update={"warmup_fraction": 0.0})
+    update_s = 1.5
+    spec = AgentActorSpec(
+        cfg, OBS_SPACE, ACT_SPACE, mixer_kwargs={**kwargs, "step_sleep_s": update_s}, mixer_factory=make_slow_ac_odm
+    )
+    split = LocalActingMixer(spec, asynchronous=True)
+    try:
+        split.stats()  # the actor is up
+        caller_s = _loop_with_short_lm_steps(split, steps=4, lm_step_s=0.05)
+        assert max(caller_s) < update_s / 3, caller_s
+        assert split.stats()["max_policy_lag"] >= 2  # it acted while transitions were still being learned
+        assert split.drain() == 4  # every transition is learned from
+        assert split.stats()["policy_lag"] == 0
+    finally:
+        split.close()
