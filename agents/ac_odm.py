@@ -27,6 +27,11 @@ never waits for a gradient step and never sees half of one. ``observe`` and ``up
 replay buffer and the counters under a second short lock. Called from one thread (the in-process loop),
 everything happens in order and a run repeats exactly.
 
+Split acting (``acts_from_snapshot``): a copy of the mixer in another process can act from the
+learner's ``policy_snapshot`` (``load_policy_snapshot``), record decisions with ``observe_acting`` and hand
+its exploration state back with ``acting_state``/``load_acting_state``; driven in order, the pair makes
+exactly the run of one mixer. Ray's rank 0 acts this way, so an LM step waits for no actor call.
+
 There is no terminal mask: the mixing task never terminates (gamma < 1 discounts an infinite horizon);
 the run's end is a truncation, which bootstraps like any other step.
 

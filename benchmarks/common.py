@@ -3,9 +3,11 @@
 * machine facts recorded next to every number (CPU, cores, memory, GPU, load average, git revision);
 * timing summaries (min / median / max) and process memory (resident set, its peak, and resetting
   the peak through ``/proc/self/clear_refs`` so one process can measure several variants in turn);
-* ``StepLoop``: one optimiser step of a run the way a run loop takes it, in four variants that the
+* ``StepLoop``: one optimiser step of a run the way a run loop takes it, in the variants that the
   overhead and GPU benchmarks compare (static mixture without the probe, with the probe ``exact`` or
-  ``sketch``, and AC-ODM: probe plus the agent in a Ray actor updating asynchronously);
+  ``sketch``; AC-ODM: the probe plus the agent learning in a Ray actor, acting on rank 0 from the
+  policy the actor publishes (``LocalActingMixer``, the default) or answering every ``act`` in the
+  actor (``RemoteMixer``, ``ray.agent_acting: actor``));
 * a synthetic prepared corpus of random tokens (no download, any vocabulary and domain count);
 * Markdown tables and an atomic append of a section to ``benchmarks/RESULTS.md``.
 
@@ -37,14 +39,19 @@ if str(REPO_ROOT) not in sys.path:  # the scripts run as files; the packages liv
     sys.path.insert(0, str(REPO_ROOT))
 
 # Variants of one loop iteration, in the order they are reported (the first is the baseline).
-VARIANTS = ("static", "exact", "sketch", "ac_odm")
+VARIANTS = ("static", "exact", "sketch", "ac_odm", "ac_odm_actor")
 VARIANT_LABELS = {
     "static": "static mixture, no probe",
     "exact": "static mixture + probe (exact)",
     "sketch": "static mixture + probe (sketch)",
-    "ac_odm": "AC-ODM: probe (exact) + agent actor",
-    "ac_odm_sketch": "AC-ODM: probe (sketch) + agent actor",
+    "ac_odm": "AC-ODM: probe (exact) + agent actor, acting on rank 0",
+    "ac_odm_sketch": "AC-ODM: probe (sketch) + agent actor, acting on rank 0",
+    "ac_odm_actor": "AC-ODM: probe (exact) + agent actor answering act",
 }
+# How an AC-ODM variant's rank 0 gets its weights (``ray.agent_acting``): ``local`` acts from a copy of
+# the policy the actor publishes (``LocalActingMixer``, the default of ``acodm train``); ``actor`` asks
+# the actor at every step (``RemoteMixer``).
+AGENT_ACTING = ("local", "actor")
 # What the ledger-free loop hands the agent actor (``ray_jobs.train`` ships the same keys plus the
 # validity flags; the Gram matrix and the signals record stay on the trainer).
 _AGENT_INFO_KEYS = ("loss_K", "reward_parts_K", "scores_K", "weights_K", "reward_valid", "skipped")
@@ -289,9 +296,16 @@ class StepLoop:
       maths): what a fixed-mixture run without AC-ODM's machinery costs;
     * ``exact`` / ``sketch``: ``DataMixingEnv.step`` with the probe in that mode (hooks, per-domain sums,
       Gram matrix, observation and reward), weights from a local static mixer;
-    * ``ac_odm`` / ``ac_odm_sketch``: the same env step, weights from AC-ODM in an ``AgentActor`` Ray
-      actor (``act`` blocks, ``observe`` is fire-and-forget, updates run in the actor's background
-      thread), as ``ray_jobs.train`` runs it. Ray must be initialised.
+    * ``ac_odm`` / ``ac_odm_sketch``: the same env step, weights from AC-ODM with the agent learning in
+      an ``AgentActor`` Ray actor, as ``ray_jobs.train`` wires it (``_make_mixer``). With
+      ``agent_acting="local"`` (the default, ``ray.agent_acting: local``) this process acts from its
+      copy of the policy the actor publishes (``LocalActingMixer``: ``act`` is a local forward pass,
+      ``observe`` submits ``AgentActor.learn`` without waiting); with ``"actor"`` every ``act`` is an
+      actor round trip and updates run in the actor's background thread (``RemoteMixer``);
+    * ``ac_odm_actor``: ``ac_odm`` on the actor path whatever ``agent_acting`` says (the old default,
+      reported next to the new one).
+
+    Ray must be initialised for the AC-ODM variants.
 
     Args:
         name: one of ``VARIANT_LABELS``.
@@ -300,7 +314,11 @@ class StepLoop:
         agent_overrides: ``AgentConfig`` fields for the AC-ODM variants on top of ``cfg.agent`` (e.g.
             network sizes, warmup 0).
         agent_cpus: CPUs reserved for the agent actor.
-        overlap_act: the actor answers ``act`` during an update (``ray.agent_async``; False: ordered).
+        overlap_act: ``ray.agent_async``. Local acting: ``act`` applies the replies already back and
+            never waits (False: it waits for step t-1's reply, ordered). Actor: the actor answers ``act``
+            during an update (False: ``act`` waits for the update in flight).
+        agent_acting: ``ray.agent_acting`` of the AC-ODM variants, one of ``AGENT_ACTING``
+            (``ac_odm_actor`` is always ``"actor"``).
     """
 
     def __init__(
@@ -312,6 +330,7 @@ class StepLoop:
         agent_overrides: Mapping[str, Any] | None = None,
         agent_cpus: float = 0.0,
         overlap_act: bool = True,
+        agent_acting: str = "local",
     ) -> None:
         from envs.backends import LMBackend
         from envs.env import DataMixingEnv
@@ -319,10 +338,16 @@ class StepLoop:
 
         if name not in VARIANT_LABELS:
             raise ValueError(f"unknown step-loop variant {name!r}; expected one of {sorted(VARIANT_LABELS)}")
+        if agent_acting not in AGENT_ACTING:
+            raise ValueError(f"agent_acting must be one of {AGENT_ACTING}, got {agent_acting!r}")
         self.name = name
         self.is_agent = name.startswith("ac_odm")
+        # how the agent acts: None for the static mixers
+        self.agent_acting: str | None = None
+        if self.is_agent:
+            self.agent_acting = "actor" if name.endswith("_actor") else agent_acting
         data = cfg.to_dict()
-        data["env"]["probe"]["mode"] = "sketch" if name.endswith("sketch") else "exact"
+        data["env"]["probe"]["mode"] = "sketch" if "sketch" in name.split("_") else "exact"
         # keep the base config's agent settings (network sizes, exploration, ...); only the kind changes
         plain = {**data["agent"], "mode": "online", "policy": None, "weights": None}
         data["agent"] = (
@@ -341,33 +366,49 @@ class StepLoop:
             self.probe_bytes = 0
         self.mixer = self._build_mixer(agent_cpus, overlap_act)
         self.act_s: list[float] = []  # wall seconds of each ``act``
+        # wall seconds of each step's agent calls on this process (act + observe + update), what
+        # ``ray_jobs.driver.RunLoop.run`` records as ``time/agent_s``
+        self.agent_s: list[float] = []
         self.wall_s: list[float] = []  # wall seconds of each iteration
         self.cpu_s: list[float] = []  # CPU seconds of this process (all its threads) per iteration
+        # the last transition handed to the mixer: (obs, weights, reward, next_obs, agent info)
+        self.last_transition: tuple[Any, ...] | None = None
         self._cuda = self.backend.pretrainer.device.type == "cuda"
 
-    def _build_mixer(self, agent_cpus: float, overlap_act: bool) -> Any:
-        from ray_jobs.driver import build_local_mixer, mixer_kwargs
-
-        if not self.is_agent:
-            return build_local_mixer(self.cfg, self.env)
-        from ray_jobs.agent_actor import AgentActorSpec, RemoteMixer
+    def agent_spec(self) -> Any:
+        """The ``AgentActorSpec`` the AC-ODM variants start their actor from (``ray_jobs.train``'s)."""
+        from ray_jobs.agent_actor import AgentActorSpec
+        from ray_jobs.driver import mixer_kwargs
 
         kwargs = mixer_kwargs(self.cfg, self.env)
-        spec = AgentActorSpec(
+        return AgentActorSpec(
             agent_cfg=self.cfg.agent,
             observation_space=kwargs.pop("observation_space"),
             action_space=kwargs.pop("action_space"),
             mixer_kwargs=kwargs,
-            resources={"CPU": agent_cpus},
-            overlap_act=overlap_act,
+            resources={"CPU": self._agent_cpus},
+            overlap_act=self._overlap_act,
         )
+
+    def _build_mixer(self, agent_cpus: float, overlap_act: bool) -> Any:
+        from ray_jobs.driver import build_local_mixer
+
+        self._agent_cpus, self._overlap_act = agent_cpus, overlap_act
+        if not self.is_agent:
+            return build_local_mixer(self.cfg, self.env)
+        from ray_jobs.agent_actor import LocalActingMixer, RemoteMixer
+
+        spec = self.agent_spec()
+        if self.agent_acting == "local":
+            return LocalActingMixer(spec, asynchronous=overlap_act)
         return RemoteMixer(spec)
 
     def step(self) -> float:
         """Run one iteration; returns its wall seconds (CUDA work included: the step ends synchronised).
 
-        The wall and CPU seconds are also appended to ``wall_s`` and ``cpu_s``. CPU time is this process's
-        only (the agent actor's is in ``actor_cpu_s``); on a loaded machine it is the steadier measure.
+        The wall and CPU seconds are also appended to ``wall_s`` and ``cpu_s``, the agent calls' wall
+        seconds to ``act_s`` and ``agent_s``. CPU time is this process's only (the agent actor's is in
+        ``actor_cpu_s``); on a loaded machine it is the steadier measure.
         """
         import torch
 
@@ -376,13 +417,19 @@ class StepLoop:
         cpu = time.process_time()
         start = time.perf_counter()
         weights_K = self.mixer.act(self.obs, explore=True)
-        self.act_s.append(time.perf_counter() - start)
+        t_act = time.perf_counter() - start
+        self.act_s.append(t_act)
         if self.name == "static":
             self.backend.pretrainer.train_step(np.asarray(weights_K, dtype=np.float64))
+            self.agent_s.append(t_act)
         else:
             next_obs, reward, _, truncated, info = self.env.step(weights_K)
-            self.mixer.observe(self.obs, weights_K, float(reward), next_obs, agent_info(info))
-            self.mixer.update()  # local static mixer: no-op; actor: poll finished updates' metrics
+            t_observe = time.perf_counter()
+            transition = (self.obs, weights_K, float(reward), next_obs, agent_info(info))
+            self.mixer.observe(*transition)
+            self.mixer.update()  # static mixer: no-op; agent actor: the metrics of finished updates
+            self.agent_s.append(t_act + time.perf_counter() - t_observe)
+            self.last_transition = transition
             self.obs = next_obs
             if truncated:
                 raise RuntimeError(
@@ -394,6 +441,11 @@ class StepLoop:
         self.wall_s.append(time.perf_counter() - start)
         self.cpu_s.append(time.process_time() - cpu)
         return self.wall_s[-1]
+
+    def clear_times(self) -> None:
+        """Forget the per-step times recorded so far (e.g. after warm-up steps)."""
+        for times in (self.act_s, self.agent_s, self.wall_s, self.cpu_s):
+            times.clear()
 
     def actor_cpu_s(self) -> float:
         """CPU seconds the agent actor's process has used so far (0 for local mixers)."""
@@ -412,7 +464,9 @@ class StepLoop:
         return int(ray.get(self.mixer.handle.__ray_call__.remote(lambda _actor: os.getpid())))
 
     def agent_stats(self) -> dict[str, float]:
-        """The actor's counters (observed, updates done, pending, update seconds); {} for local mixers."""
+        """The agent's counters (``stats()`` of ``RemoteMixer`` / ``LocalActingMixer``: observed,
+        updates done, pending, update seconds, policy lag); {} for local mixers. With local acting the
+        actor learns inline, so ``pending`` is 0 and ``policy_lag`` is the measure of how far behind it is."""
         return dict(self.mixer.stats()) if self.is_agent else {}
 
     def close(self) -> None:

@@ -1,45 +1,56 @@
 """Overhead of AC-ODM's machinery on the tiny CPU LM, measured in one run against a static mixture.
 
-Four parts, all on the base config ``configs/bench-demo.yaml`` (the demo corpus, the tiny GPT-NeoX,
+Five parts, all on the base config ``configs/bench-demo.yaml`` (the demo corpus, the tiny GPT-NeoX,
 one torch thread, 8 micro-batches of 2 x 64 tokens per optimiser step):
 
-1. **Step time** of one loop iteration in four variants (``benchmarks.common.StepLoop``): a static
-   mixture with no probe (the Pretrainer alone); the probe ``exact`` and ``sketch`` (env step with
-   hooks, Gram matrix, observation and reward; static mixer); and AC-ODM (probe exact + the agent in
-   a Ray actor: ``act`` blocks, ``observe`` is fire-and-forget, ``update`` runs in the actor's
-   background thread). All four live in this process and take turns in blocks of steps, the order
-   rotating every round, so machine load hits them alike. Reported: min / median / max wall ms per
-   step and the ratio of medians to the static variant; the same for this process's CPU time (the
-   steadier measure on a loaded machine), plus the agent actor's CPU time per step; the time ``act``
-   took inside the AC-ODM loop; the actor's updates (done, pending at the end): the update must not
-   block a step.
-2. **Agent round trip**: ``act`` on the actor (after its queue is drained), a no-op actor call, and
-   ``act`` of the same mixer in-process, in ms.
+1. **Step time** of one loop iteration in five variants (``benchmarks.common.StepLoop``):
+   ``static``, a static mixture with no probe (the Pretrainer alone); ``exact`` and ``sketch``, the
+   probe in that mode (env step with hooks, Gram matrix, observation and reward; static mixer);
+   ``ac_odm``, AC-ODM as ``acodm train`` runs it by default (probe exact; the agent learns in a Ray
+   actor and rank 0 acts from its own copy of the policy the actor publishes, ``LocalActingMixer``:
+   ``act`` is a local forward pass, ``observe`` submits ``AgentActor.learn`` without waiting,
+   ``ray.agent_acting: local``, ``ray.agent_async: true``); and ``ac_odm_actor``, the old path
+   (``ray.agent_acting: actor``, ``RemoteMixer``: every ``act`` is an actor round trip, updates run
+   in the actor's background thread). All five live in this process and take turns in blocks of
+   steps, the order rotating every round, so machine load hits them alike. Reported: min / median /
+   max wall ms per step and the ratio of medians to the static variant and, for AC-ODM, to ``exact``
+   (what the agent adds on top of the probe); the agent's time on rank 0 per step (``act`` +
+   ``observe`` + ``update``, the run loop's ``time/agent_s``) and its share of the step (the steady
+   measure on a loaded machine); this process's CPU time and the agent actor's CPU time per step;
+   each AC-ODM loop's ``act`` time, updates, policy lag and pending updates.
+2. **Agent calls on rank 0**, taking turns ``--act-repeats`` times: ``act`` on the actor (the
+   ``ac_odm_actor`` loop, queue drained first) and a no-op actor call; with local acting (a separate
+   ``LocalActingMixer`` loaded with the ``ac_odm`` loop's agent, so that loop is left alone):
+   ``observe`` (submitting ``learn``), ``act`` applying the reply that came back, ``act`` with nothing
+   to apply; and ``act`` of the whole mixer in-process, in ms.
 3. **Peak memory** of each variant in a fresh subprocess (peak RSS, Linux ``VmHWM``), and for AC-ODM
    the actor process's peak RSS too (Ray's own daemons are not counted).
 4. **In-process loop vs 1-worker Ray Train** (``run_local`` then ``run_train`` then ``run_local`` again,
    same config, static uniform mixer): median wall seconds per step from the ledgers' ``wall_time``
    (evaluation and checkpoint steps excluded), and the ratio of Ray Train to the mean of the two
    in-process runs; Ray Train's fixed start-up and tear-down time is reported apart.
-
 5. **An agent slower than the LM** (``slow`` part): AC-ODM with ``updates_per_step`` raised
-   (``--slow-updates``, default 200) so one ``update()`` takes longer than an LM step, in the actor's
-   overlapped mode (``ray.agent_async: true``, the default: ``act`` answers from the published policy)
-   and its ordered mode (``false``: ``act`` waits for the update in flight). The two loops take turns
-   in blocks; each block starts from a drained actor (the drain is not timed). Reported: ``act`` in
-   the loop and the step's wall time, median and max, the actor's update time per step and the
-   largest policy lag: overlapped, ``act`` must stay at its round-trip cost whatever the update costs.
+   (``--slow-updates``, default 200) so one update takes longer than an LM step, in up to four modes
+   (``--slow-modes``): local acting asynchronous (the default: ``act`` applies the replies already
+   back and never waits) and ordered (``ray.agent_async: false``: ``act`` waits for step t-1's
+   reply), the actor path overlapped (``act`` answers from the published policy) and ordered (``act``
+   waits for the update in flight). The loops take turns in blocks; each block starts from a drained
+   agent (the drain is not timed). Reported: ``act`` and the agent's rank-0 time in the loop and the
+   step's wall time, median and max, the actor's update time per step and the largest policy lag:
+   asynchronous, ``act`` must stay at its local / round-trip cost whatever the update costs.
 
 The machine this runs on is shared; the load average is printed with the numbers.
 
 Usage: ``.venv/bin/python benchmarks/overhead.py [--rounds 4] [--block 4] [--train-steps 40]
-[--results benchmarks/RESULTS.md]`` (about 5 minutes on 2 idle cores; ``--skip memory train slow`` for
-part 1-2).
+[--slow-modes local-async local-ordered actor-async actor-ordered] [--results benchmarks/RESULTS.md]``
+(about 6-7 minutes on 2 idle cores; ``--skip memory train slow`` for parts 1-2; smoke test:
+``--rounds 1 --block 2 --warmup 2 --act-repeats 5 --slow-updates 20 --skip memory train``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -49,6 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -113,26 +125,38 @@ def ray_init(num_cpus: int | None = None) -> None:
 
 # --------------------------------------------------------------------------------------------- part 1 and 2
 def step_times(cfg: ExperimentConfig, args: argparse.Namespace) -> tuple[list[list[str]], dict[str, Any]]:
-    """Interleaved step times (wall and CPU) of every variant, plus the agent's round trips and counters."""
+    """Interleaved step times (wall and CPU) of every variant, plus each agent variant's agent time,
+    round trips and counters."""
     import torch
 
     torch.set_num_threads(args.threads)
     ray_init()
-    loops = [StepLoop(name, cfg, device="cpu", agent_overrides=AGENT_OVERRIDES) for name in VARIANTS]
+    loops: list[StepLoop] = []
     try:
+        for name in VARIANTS:
+            loops.append(StepLoop(name, cfg, device="cpu", agent_overrides=AGENT_OVERRIDES))
         for loop in loops:  # warm up: optimiser state, the actor's start and its first (slow) updates
             for _ in range(args.warmup):
                 loop.step()
-        agent = loops[-1]
-        load_before, actor_cpu = format_load(), agent.actor_cpu_s()
+            loop.clear_times()
+        agents = {loop.name: loop for loop in loops if loop.is_agent}
+        load_before = format_load()
+        actor_cpu = {name: loop.actor_cpu_s() for name, loop in agents.items()}
         interleave(loops, rounds=args.rounds, block=args.block)
-        actor_cpu = (agent.actor_cpu_s() - actor_cpu) / (args.rounds * args.block)
+        for name, loop in agents.items():
+            actor_cpu[name] = (loop.actor_cpu_s() - actor_cpu[name]) / (args.rounds * args.block)
         extra = {
             "load": f"{load_before} -> {format_load()}",
-            "stats": agent.agent_stats(),
-            "act_in_loop": TimeSummary.of(agent.act_s[args.warmup :]),
-            "actor_cpu": actor_cpu,
-            "round_trip": round_trips(agent, args.act_repeats),
+            "agents": {
+                name: {
+                    "stats": loop.agent_stats(),
+                    "act": TimeSummary.of(loop.act_s),
+                    "agent": TimeSummary.of(loop.agent_s),
+                    "actor_cpu": actor_cpu[name],
+                }
+                for name, loop in agents.items()
+            },
+            "round_trip": round_trips(agents, args.act_repeats),
         }
     finally:
         for loop in loops:
@@ -140,17 +164,31 @@ def step_times(cfg: ExperimentConfig, args: argparse.Namespace) -> tuple[list[li
         import ray
 
         ray.shutdown()
-    wall0 = statistics.median(loops[0].wall_s[args.warmup :])
-    cpu0 = statistics.median(loops[0].cpu_s[args.warmup :])
+    by_name = {loop.name: loop for loop in loops}
+    wall0 = statistics.median(loops[0].wall_s)
+    cpu0 = statistics.median(loops[0].cpu_s)
+    exact = by_name.get("exact")
+    wall_exact = statistics.median(exact.wall_s) if exact is not None else float("nan")
+    cpu_exact = statistics.median(exact.cpu_s) if exact is not None else float("nan")
     rows = []
     for loop in loops:
-        w, c = TimeSummary.of(loop.wall_s[args.warmup :]), TimeSummary.of(loop.cpu_s[args.warmup :])
-        agent_cpu = actor_cpu if loop.is_agent else 0.0
+        w, c = TimeSummary.of(loop.wall_s), TimeSummary.of(loop.cpu_s)
+        agent_cpu = extra["agents"][loop.name]["actor_cpu"] if loop.is_agent else 0.0
+        agent_s = statistics.median(loop.agent_s)
+        if loop.is_agent:
+            extra["agents"][loop.name].update(
+                wall_vs_exact=w.median / wall_exact,
+                cpu_vs_exact=(c.median + agent_cpu) / cpu_exact,
+                agent_share=agent_s / w.median,
+            )
         rows.append(
             [
                 VARIANT_LABELS[loop.name],
                 f"{w.min * 1e3:.0f} / {w.median * 1e3:.0f} / {w.max * 1e3:.0f}",
                 f"{w.median / wall0:.3f}",
+                f"{w.median / wall_exact:.3f}" if loop.is_agent else "\u2014",
+                f"{agent_s * 1e3:.2f}" if loop.is_agent else "\u2014",
+                f"{agent_s / w.median:.2%}" if loop.is_agent else "\u2014",
                 f"{c.min * 1e3:.0f} / {c.median * 1e3:.0f} / {c.max * 1e3:.0f}",
                 f"{agent_cpu * 1e3:.1f}" if loop.is_agent else "\u2014",
                 f"{(c.median + agent_cpu) / cpu0:.3f}",
@@ -161,70 +199,152 @@ def step_times(cfg: ExperimentConfig, args: argparse.Namespace) -> tuple[list[li
     return rows, extra
 
 
-def round_trips(agent: StepLoop, repeats: int) -> dict[str, TimeSummary]:
-    """``act`` over the actor (queue drained first), a no-op actor call, and the same mixer in-process."""
+def _timed(call: Callable[[], Any]) -> float:
+    """Wall seconds of one ``call()``."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def round_trips(agents: Mapping[str, StepLoop], repeats: int) -> tuple[dict[str, TimeSummary], str]:
+    """What one step's agent calls cost on rank 0, each ``repeats`` times, taking turns.
+
+    * the actor path (the ``ac_odm_actor`` loop's ``RemoteMixer``, its queue drained first): ``act``
+      over the actor, and a no-op actor call (``stats``) for the bare Ray round trip;
+    * local acting (a separate ``LocalActingMixer`` from the ``ac_odm`` loop's spec, loaded with that
+      loop's agent state and fed its last transition again and again, so the loop's own mixer is left
+      alone): ``observe`` (the copy's bookkeeping + submitting ``AgentActor.learn``), then, once the
+      actor has replied (untimed; in a run the LM step is this wait), ``act`` applying that reply, and
+      ``act`` again with nothing to apply (the copy's forward pass alone);
+    * ``act`` of the whole mixer in this process (no actor at all), for scale.
+
+    Returns:
+        The timings by call, and a note on how many local ``act`` calls found a new policy to apply.
+    """
     import ray
 
     from agents import build_mixer
+    from ray_jobs.agent_actor import LocalActingMixer
 
-    remote = agent.mixer
-    remote.drain()
-    obs = agent.obs
-    timed: dict[str, list[float]] = {"actor act": [], "actor no-op call": [], "in-process act": []}
-    state = remote.state_dict()
-    local = build_mixer(
-        remote.spec.agent_cfg,
-        agent.env.observation_space,
-        agent.env.action_space,
-        **dict(remote.spec.mixer_kwargs),
-    )
-    local.load_state_dict(state)
-    calls = {
-        "actor act": lambda: remote.act(obs, explore=True),
-        "actor no-op call": lambda: ray.get(remote.handle.stats.remote()),
-        "in-process act": lambda: local.act(obs, explore=True),
-    }
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            timed[name].append(time.perf_counter() - start)
-    return {name: TimeSummary.of(t) for name, t in timed.items()}
+    timed: dict[str, list[float]] = {}
+    per_repeat: list[Callable[[], dict[str, float]]] = []
+    actor_loop, local_loop = agents.get("ac_odm_actor"), agents.get("ac_odm")
+    source = local_loop if local_loop is not None else actor_loop
+    if source is None:
+        return {}, ""
+    created: list[Any] = []
+    try:
+        if actor_loop is not None:
+            remote, actor_obs = actor_loop.mixer, actor_loop.obs
+            remote.drain()
+
+            def actor_calls() -> dict[str, float]:
+                return {
+                    "actor act": _timed(lambda: remote.act(actor_obs, explore=True)),
+                    "actor no-op call": _timed(lambda: ray.get(remote.handle.stats.remote())),
+                }
+
+            per_repeat.append(actor_calls)
+        if local_loop is not None and local_loop.last_transition is not None:
+            split = LocalActingMixer(local_loop.mixer.spec, asynchronous=local_loop.mixer.asynchronous)
+            created.append(split)
+            split.load_state_dict(local_loop.mixer.state_dict())
+            obs, weights, reward, next_obs, info = local_loop.last_transition
+            last = {"weights": weights}
+
+            def local_calls() -> dict[str, float]:
+                out = {
+                    "local observe (submit learn)": _timed(
+                        lambda: split.observe(obs, last["weights"], reward, next_obs, info)
+                    )
+                }
+                # untimed (the LM step, in a run): the actor runs its calls in order, so learn is done
+                ray.get(split.handle.stats.remote())
+                version = split.replica.policy_version
+                start = time.perf_counter()
+                last["weights"] = split.act(obs, explore=True)
+                seconds = time.perf_counter() - start
+                # a reply not back yet (rare) would make this a plain act: record it as one
+                applied = split.replica.policy_version != version
+                out["local act (applies 1 reply)" if applied else "local act (nothing to apply)"] = seconds
+                if applied:
+                    out["local act (nothing to apply)"] = _timed(lambda: split.act(obs, explore=True))
+                return out
+
+            per_repeat.append(local_calls)
+        state = source.mixer.state_dict()
+        spec = source.mixer.spec
+        whole = build_mixer(
+            spec.agent_cfg, source.env.observation_space, source.env.action_space, **dict(spec.mixer_kwargs)
+        )
+        whole.load_state_dict(state)
+        per_repeat.append(lambda: {"in-process act": _timed(lambda: whole.act(source.obs, explore=True))})
+        for _ in range(repeats):
+            for calls in per_repeat:
+                for name, seconds in calls().items():
+                    timed.setdefault(name, []).append(seconds)
+    finally:
+        for mixer in created:
+            with contextlib.suppress(Exception):
+                mixer.drain()
+            mixer.close()
+    note = ""
+    if local_loop is not None:
+        applied = len(timed.get("local act (applies 1 reply)", []))
+        note = f"The local act found a new policy to apply in {applied} of {repeats} turns"
+    return {name: TimeSummary.of(t) for name, t in timed.items()}, note
 
 
 # --------------------------------------------------------------------------------------------- part 5
+# The slow-agent modes: key -> (label, agent_acting, agent_async). The first is the default and the
+# baseline of the table's ratio.
+SLOW_MODES = {
+    "local-async": ("local acting, async (agent_async: true; the default)", "local", True),
+    "local-ordered": ("local acting, ordered (agent_async: false)", "local", False),
+    "actor-async": ("actor answers act, overlapped (agent_acting: actor)", "actor", True),
+    "actor-ordered": ("actor answers act, ordered (agent_acting: actor, agent_async: false)", "actor", False),
+}
+
+
 def slow_agent(cfg: ExperimentConfig, args: argparse.Namespace) -> tuple[list[list[str]], dict[str, Any]]:
-    """Overlapped vs ordered agent actor when one agent update outlasts an LM step."""
+    """Local acting and the actor path, each asynchronous and ordered, when one agent update outlasts an
+    LM step."""
     import torch
 
     torch.set_num_threads(args.threads)
     ray_init()
     overrides = {**AGENT_OVERRIDES, "updates_per_step": float(args.slow_updates)}
-    modes = {"overlapped (agent_async: true)": True, "ordered (agent_async: false)": False}
-    loops = {
-        label: StepLoop("ac_odm", cfg, device="cpu", agent_overrides=overrides, overlap_act=overlap)
-        for label, overlap in modes.items()
-    }
-    lags = dict.fromkeys(loops, 0.0)
+    modes = {key: SLOW_MODES[key] for key in args.slow_modes}
+    loops: dict[str, StepLoop] = {}
+    lags = dict.fromkeys(modes, 0.0)
+    update_s = dict.fromkeys(modes, 0.0)
     try:
+        for key, (_, acting, overlap) in modes.items():
+            loops[key] = StepLoop(
+                "ac_odm",
+                cfg,
+                device="cpu",
+                agent_overrides=overrides,
+                overlap_act=overlap,
+                agent_acting=acting,
+            )
         for loop in loops.values():
             for _ in range(args.warmup):
                 loop.step()
             loop.mixer.drain()
-            for times in (loop.act_s, loop.wall_s, loop.cpu_s):
-                times.clear()
+            loop.clear_times()
         load_before = format_load()
-        update_s = dict.fromkeys(loops, 0.0)
+        items = list(loops.items())
         for r in range(args.rounds):
-            order = list(loops.items())[r % 2 :] + list(loops.items())[: r % 2]
-            for label, loop in order:
+            order = items[r % len(items) :] + items[: r % len(items)]
+            for key, loop in order:
                 before = loop.agent_stats()["update_s"]
                 for _ in range(args.block):
                     loop.step()
                 loop.mixer.drain()  # untimed: the next block starts from an empty queue
                 stats = loop.agent_stats()
-                update_s[label] += stats["update_s"] - before
-                lags[label] = max(lags[label], stats["max_policy_lag"])
+                update_s[key] += stats["update_s"] - before
+                lags[key] = max(lags[key], stats["max_policy_lag"])
         load = f"{load_before} -> {format_load()}"
     finally:
         for loop in loops.values():
@@ -233,21 +353,23 @@ def slow_agent(cfg: ExperimentConfig, args: argparse.Namespace) -> tuple[list[li
 
         ray.shutdown()
     rows = []
-    ordered_wall = statistics.median(loops["ordered (agent_async: false)"].wall_s)
-    for label, loop in loops.items():
-        act, wall = TimeSummary.of(loop.act_s), TimeSummary.of(loop.wall_s)
+    base_wall = statistics.median(next(iter(loops.values())).wall_s)
+    for key, loop in loops.items():
+        act, agent = TimeSummary.of(loop.act_s), TimeSummary.of(loop.agent_s)
+        wall = TimeSummary.of(loop.wall_s)
         rows.append(
             [
-                label,
-                f"{act.median * 1e3:.1f} / {act.max * 1e3:.1f}",
+                modes[key][0],
+                f"{act.median * 1e3:.2f} / {act.max * 1e3:.1f}",
+                f"{agent.median * 1e3:.2f} / {agent.max * 1e3:.1f}",
                 f"{wall.median * 1e3:.0f} / {wall.max * 1e3:.0f}",
-                f"{wall.median / ordered_wall:.3f}",
-                f"{update_s[label] / wall.n * 1e3:.0f}",
-                f"{lags[label]:.0f}",
+                f"{wall.median / base_wall:.3f}",
+                f"{update_s[key] / wall.n * 1e3:.0f}",
+                f"{lags[key]:.0f}",
                 str(wall.n),
             ]
         )
-    return rows, {"load": load, "updates": args.slow_updates}
+    return rows, {"load": load, "updates": args.slow_updates, "baseline": modes[next(iter(modes))][0]}
 
 
 # --------------------------------------------------------------------------------------------- part 3
@@ -429,6 +551,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--slow-updates", type=int, default=200, help="updates_per_step of the slow-agent part (default 200)"
     )
     p.add_argument(
+        "--slow-modes",
+        nargs="+",
+        default=list(SLOW_MODES),
+        choices=list(SLOW_MODES),
+        help="agent modes of the slow-agent part, in this order (default: all four; the first is the "
+        "ratio's baseline)",
+    )
+    p.add_argument(
         "--skip", nargs="*", default=[], choices=["steps", "memory", "train", "slow"], help="parts to skip"
     )
     p.add_argument(
@@ -436,10 +566,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    flags = ("threads", "rounds", "block", "act_repeats", "memory_steps", "train_steps", "train_pairs", "slow_updates")
+    flags = (
+        "threads",
+        "rounds",
+        "block",
+        "act_repeats",
+        "memory_steps",
+        "train_steps",
+        "train_pairs",
+        "slow_updates",
+    )
     for flag in flags:
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    args.slow_modes = list(dict.fromkeys(args.slow_modes))
     return args
 
 
@@ -456,8 +596,7 @@ def render(args: argparse.Namespace, parts: dict[str, Any], header: dict[str, st
     ]
     if "steps" in parts:
         rows, extra = parts["steps"]
-        rt, stats = extra["round_trip"], extra["stats"]
-        per_update = stats.get("update_s", 0.0) / max(stats.get("updates_done", 0.0), 1.0)
+        rt = extra["round_trip"]
         out += [
             f"Step time, variants interleaved in one process ({extra['load']}):",
             "",
@@ -466,6 +605,9 @@ def render(args: argparse.Namespace, parts: dict[str, Any], header: dict[str, st
                     "variant",
                     "wall ms min / median / max",
                     "wall median / static",
+                    "wall median / exact (probe only)",
+                    "agent on rank 0 ms (median)",
+                    "agent share of step",
                     "trainer CPU ms min / median / max",
                     "agent actor CPU ms per step",
                     "CPU (trainer + actor) / static",
@@ -475,19 +617,39 @@ def render(args: argparse.Namespace, parts: dict[str, Any], header: dict[str, st
                 rows,
             ),
             "",
-            f"- AC-ODM loop: `act` took {extra['act_in_loop'].median * 1e3:.2f} ms median "
-            f"({extra['act_in_loop'].max * 1e3:.1f} ms max) per step; the actor ran "
-            f"{stats.get('updates_done', 0):.0f} updates for {stats.get('observed', 0):.0f} transitions "
-            f"({per_update * 1e3:.1f} ms wall each on average, warm-up included), "
-            f"{stats.get('pending', 0):.0f} pending at the end.",
-            "- Agent round trip (ms, min / median / max over "
-            f"{rt['actor act'].n}): "
-            + "; ".join(
-                f"{name} {s.min * 1e3:.2f} / {s.median * 1e3:.2f} / {s.max * 1e3:.2f}"
-                for name, s in rt.items()
-            ),
-            "",
+            "- Agent on rank 0 = the step's `act` + `observe` + `update` calls (what the run loop records "
+            "as `time/agent_s`); its share is median agent time / median wall. Wall / exact is what the "
+            "agent adds on top of the probe (the target: under 1%), but on a shared machine load can move "
+            "step times by more than the agent's few ms; the rank-0 share is the steadier measure.",
         ]
+        for name, a in extra["agents"].items():
+            stats = a["stats"]
+            per_update = stats.get("update_s", 0.0) / max(stats.get("updates_done", 0.0), 1.0)
+            if stats.get("local_acting"):  # the actor learns inline: nothing pends there
+                behind = f"{stats.get('policy_lag', 0):.0f} transitions not yet in the acting copy at the end"
+            else:
+                behind = f"{stats.get('pending', 0):.0f} updates pending in the actor at the end"
+            out.append(
+                f"- {VARIANT_LABELS[name]}: adds {a['wall_vs_exact'] - 1:+.1%} wall "
+                f"({a['cpu_vs_exact'] - 1:+.1%} CPU, trainer + actor) to the probe-only step; the agent "
+                f"took {a['agent'].median * 1e3:.2f} ms median ({a['agent'].max * 1e3:.1f} ms max) of rank "
+                f"0's step = {a['agent_share']:.2%}, of which `act` {a['act'].median * 1e3:.2f} ms median "
+                f"({a['act'].max * 1e3:.1f} ms max); the actor ran {stats.get('updates_done', 0):.0f} "
+                f"updates for {stats.get('observed', 0):.0f} transitions ({per_update * 1e3:.1f} ms wall "
+                f"each on average, warm-up included); the policy acting lagged by at most "
+                f"{stats.get('max_policy_lag', 0):.0f} transition(s); {behind}."
+            )
+        timings, notes = rt
+        if timings:
+            out.append(
+                f"- Agent calls on rank 0 (ms, min / median / max over {args.act_repeats} turns): "
+                + "; ".join(
+                    f"{name} {s.min * 1e3:.3f} / {s.median * 1e3:.3f} / {s.max * 1e3:.3f} (n={s.n})"
+                    for name, s in timings.items()
+                )
+                + (f". {notes}" if notes else "")
+            )
+        out.append("")
     if "memory" in parts:
         out += [
             "Peak memory, one fresh process per variant, each with a Ray driver (Linux VmHWM):",
@@ -535,21 +697,26 @@ def render(args: argparse.Namespace, parts: dict[str, Any], header: dict[str, st
     if "slow" in parts:
         rows, extra = parts["slow"]
         out += [
-            f"An agent slower than the LM: AC-ODM with updates_per_step = {extra['updates']}, the actor's two "
-            f"modes taking turns in blocks that each start from a drained actor ({extra['load']}):",
+            f"An agent slower than the LM: AC-ODM with updates_per_step = {extra['updates']}, the modes "
+            f"taking turns in blocks that each start from a drained agent ({extra['load']}):",
             "",
             markdown_table(
                 [
-                    "agent actor mode",
+                    "agent mode",
                     "act in the loop ms median / max",
+                    "agent on rank 0 ms median / max",
                     "step wall ms median / max",
-                    "step wall / ordered",
-                    "agent update ms per step",
+                    "step wall / first row",
+                    "agent actor update ms per step",
                     "max policy lag",
                     "steps",
                 ],
                 rows,
             ),
+            "",
+            "- Agent on rank 0 = `act` + `observe` + `update` per step (`time/agent_s`). Expected: "
+            "asynchronous, `act` stays at its local (or round-trip) cost whatever an update costs; "
+            "ordered, `act` waits for the update of step t-1.",
             "",
         ]
     return "\n".join(out)
@@ -579,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("part 1-2: interleaved step times and agent round trips (%s)", format_load())
         parts["steps"] = step_times(cfg, args)
     if "slow" not in args.skip:
-        log.info("part 5: an agent slower than the LM, overlapped vs ordered actor (%s)", format_load())
+        log.info("part 5: an agent slower than the LM, %s (%s)", " / ".join(args.slow_modes), format_load())
         parts["slow"] = slow_agent(cfg, args)
     if "memory" not in args.skip:
         log.info("part 3: peak memory per variant (%s)", format_load())

@@ -29,6 +29,12 @@ so ``observe`` then ``act`` from the train loop always happen in that order. The
 ``ray.agent_resources``. ``RemoteMixer`` is the client side: it exposes the ``Mixer`` methods over an
 actor handle (blocking ``act``/``state_dict``, fire-and-forget ``observe``) and can ``restart`` a dead
 actor from a checkpointed state, so the run loop treats a local and a remote mixer alike.
+
+``LocalActingMixer`` (the default client for AC-ODM, ``ray.agent_acting: local``) removes the round
+trip from the step as well: the caller keeps a copy of the mixer and acts from the policy snapshots the
+actor publishes; each transition goes to ``AgentActor.learn``, which observes, runs the update in the
+call (no background thread: Ray's per-caller order serialises the transitions) and replies with the new
+snapshot. See its docstring for the two schedules (``ray.agent_async``).
 """
 
 from __future__ import annotations

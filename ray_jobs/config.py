@@ -46,9 +46,9 @@ class RayConfig(StrictModel):
     agent_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 0.0})
     agent_async: bool = Field(
         True,
-        description="true: the agent actor answers act from its latest published policy while it updates, "
-        "so no LM step waits for the agent (which policy answers then depends on timing); false: act waits "
-        "for the update in flight, the policy lags by exactly one update and the run repeats exactly.",
+        description="true: acting uses the latest policy the agent actor has published, so no LM step waits "
+        "for an agent update (which policy acts then depends on timing); false: each decision waits for the "
+        "update of the step before last, the policy lags by exactly one update and the run repeats exactly.",
     )
     agent_acting: Literal["local", "actor"] = Field(
         "local",
