@@ -2,8 +2,8 @@
 
 For each preset (``pythia-160m``, then ``pythia-410m`` if the time budget allows) and each variant of
 one optimiser step (``benchmarks.common.StepLoop``: a static mixture with no probe; the probe ``exact``
-and ``sketch``; AC-ODM with the probe exact or sketch and the agent in a Ray actor, asynchronous
-updates), on one device:
+and ``sketch``; AC-ODM with the probe exact or sketch, the agent learning in a Ray actor and rank 0
+acting from the policy it publishes, as ``acodm train`` runs it by default), on one device:
 
 * median step time over ``--steps`` timed steps after ``--warmup`` untimed ones; tokens/s;
 * MFU = 6 * N * tokens/s / peak, with N the parameters that do matmuls (all but the input embedding;
@@ -168,7 +168,12 @@ def bench_preset(preset: str, prepared: Path, names: list[str], args: argparse.N
         t_ratio = f"{r['median_s'] / base['median_s']:.3f}" if base else "n/a"
         m_ratio = f"{r['peak'] / base['peak']:.3f}" if base else "n/a"
         stats = r["stats"]
-        lag = f"{stats['pending']:.0f} pending / {stats['updates_done']:.0f} done" if stats else "\u2014"
+        lag = (
+            f"{stats['updates_done']:.0f} done, {stats['pending']:.0f} pending, policy lag max "
+            f"{stats['max_policy_lag']:.0f}"
+            if stats
+            else "\u2014"
+        )
         rows.append(
             [
                 preset,

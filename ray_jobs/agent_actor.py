@@ -713,9 +713,10 @@ class LocalActingMixer:
 
     def stats(self) -> dict[str, float]:
         """The actor's counters, with the policy lag measured here (transitions sent but not yet in the
-        policy the copy acted from); ``local_acting`` is 1.0."""
+        policy the copy acted from) and ``pending`` = replies not applied yet; ``local_acting`` is 1.0."""
         out = dict(self.remote.stats())
         out.update(
+            pending=float(len(self._inflight)),
             policy_lag=float(self._observed - self._learned),
             max_policy_lag=float(self._max_lag),
             overlapped=float(self.asynchronous),
