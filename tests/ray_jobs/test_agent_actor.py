@@ -526,3 +526,36 @@ def test_local_acting_never_waits_for_a_slow_update(ray_session) -> None:
         assert split.stats()["policy_lag"] == 0
     finally:
         split.close()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_local_acting_takes_replies_in_the_background_and_surfaces_a_dead_actor(ray_session) -> None:
+    import ray
+
+    cfg, kwargs = _ac_odm_setup()
+    split = LocalActingMixer(AgentActorSpec(cfg, OBS_SPACE, ACT_SPACE, mixer_kwargs=kwargs), asynchronous=True)
+    traj = _trajectory(6)
+    try:
+        for t in range(3):
+            w = split.act(traj[t][0])
+            split.observe(traj[t][0], w, 0.0, traj[t + 1][0], _ac_odm_info(w, t))
+        deadline = time.monotonic() + 60
+        while split.stats()["policy_lag"] > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # no act, no drain: the reply thread takes the policies in by itself
+        assert split.stats()["policy_lag"] == 0 and split.stats()["pending"] == 0
+        assert split.replica.policy_version == 3  # one published policy per transition, all loaded
+        assert split.update()["agent/num_updates"] == 3
+        ray.kill(split.handle)
+        w = split.act(traj[3][0])
+        split.observe(traj[3][0], w, 0.0, traj[4][0], _ac_odm_info(w, 3))
+        with pytest.raises(AgentActorDiedError):
+            while time.monotonic() < deadline:  # the dead actor's reply fails in the thread ...
+                split.act(traj[4][0])  # ... and the next act raises it (RecoveringMixer restarts)
+                time.sleep(0.05)
+        split.restart(None)
+        w = split.act(traj[4][0])
+        split.observe(traj[4][0], w, 0.0, traj[5][0], _ac_odm_info(w, 4))
+        assert split.drain() == 5 and split.stats()["observed"] == 1  # a fresh actor learned from it
+    finally:
+        split.close()
