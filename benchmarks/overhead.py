@@ -21,8 +21,8 @@ one torch thread, 8 micro-batches of 2 x 64 tokens per optimiser step):
 2. **Agent calls on rank 0**, taking turns ``--act-repeats`` times: ``act`` on the actor (the
    ``ac_odm_actor`` loop, queue drained first) and a no-op actor call; with local acting (a separate
    ``LocalActingMixer`` loaded with the ``ac_odm`` loop's agent, so that loop is left alone):
-   ``observe`` (submitting ``learn``), ``act`` applying the reply that came back, ``act`` with nothing
-   to apply; and ``act`` of the whole mixer in-process, in ms.
+   ``observe`` (submitting ``learn``) and, once the reply thread has taken the new policy in, ``act``;
+   and ``act`` of the whole mixer in-process, in ms.
 3. **Peak memory** of each variant in a fresh subprocess (peak RSS, Linux ``VmHWM``), and for AC-ODM
    the actor process's peak RSS too (Ray's own daemons are not counted).
 4. **In-process loop vs 1-worker Ray Train** (``run_local`` then ``run_train`` then ``run_local`` again,
@@ -214,12 +214,12 @@ def round_trips(agents: Mapping[str, StepLoop], repeats: int) -> tuple[dict[str,
     * local acting (a separate ``LocalActingMixer`` from the ``ac_odm`` loop's spec, loaded with that
       loop's agent state and fed its last transition again and again, so the loop's own mixer is left
       alone): ``observe`` (the copy's bookkeeping + submitting ``AgentActor.learn``), then, once the
-      actor has replied (untimed; in a run the LM step is this wait), ``act`` applying that reply, and
-      ``act`` again with nothing to apply (the copy's forward pass alone);
+      reply is back and its policy taken in by the reply thread (untimed; in a run the LM step covers
+      this), ``act`` (the copy's forward pass and bookkeeping);
     * ``act`` of the whole mixer in this process (no actor at all), for scale.
 
     Returns:
-        The timings by call, and a note on how many local ``act`` calls found a new policy to apply.
+        The timings by call, and a note on what the local ``act`` includes.
     """
     import ray
 
@@ -258,17 +258,13 @@ def round_trips(agents: Mapping[str, StepLoop], repeats: int) -> tuple[dict[str,
                         lambda: split.observe(obs, last["weights"], reward, next_obs, info)
                     )
                 }
-                # untimed (the LM step, in a run): the actor runs its calls in order, so learn is done
-                ray.get(split.handle.stats.remote())
-                version = split.replica.policy_version
-                start = time.perf_counter()
-                last["weights"] = split.act(obs, explore=True)
-                seconds = time.perf_counter() - start
-                # a reply not back yet (rare) would make this a plain act: record it as one
-                applied = split.replica.policy_version != version
-                out["local act (applies 1 reply)" if applied else "local act (nothing to apply)"] = seconds
-                if applied:
-                    out["local act (nothing to apply)"] = _timed(lambda: split.act(obs, explore=True))
+                # untimed (the LM step, in a run): the reply comes back and, in the asynchronous mode,
+                # the reply thread loads the new policy (ordered mode: the next act waits for it)
+                if split.asynchronous:
+                    split.drain()
+                else:
+                    ray.get(split.handle.stats.remote())
+                out["local act"] = _timed(lambda: last.__setitem__("weights", split.act(obs, explore=True)))
                 return out
 
             per_repeat.append(local_calls)
@@ -290,8 +286,10 @@ def round_trips(agents: Mapping[str, StepLoop], repeats: int) -> tuple[dict[str,
             mixer.close()
     note = ""
     if local_loop is not None:
-        applied = len(timed.get("local act (applies 1 reply)", []))
-        note = f"The local act found a new policy to apply in {applied} of {repeats} turns"
+        note = (
+            "Local act: the copy's forward pass and bookkeeping, the reply's policy already taken in by the "
+            "reply thread (asynchronous mode) while the LM step ran"
+        )
     return {name: TimeSummary.of(t) for name, t in timed.items()}, note
 
 
