@@ -395,18 +395,18 @@ def test_ordered_mode_waits_for_the_update_in_flight() -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_remote_ac_odm_act_never_waits_for_a_slow_update(ray_session) -> None:
+def _slow_ac_odm_spec(update_s: float) -> AgentActorSpec:
+    """An actor spec for the real AC-ODM mixer whose every update takes at least ``update_s``."""
     cfg, kwargs = _ac_odm_setup()
     cfg = cfg.model_copy(update={"warmup_fraction": 0.0})
-    update_s = 1.5
-    spec = AgentActorSpec(
-        cfg,
-        OBS_SPACE,
-        ACT_SPACE,
-        mixer_kwargs={**kwargs, "step_sleep_s": update_s},
-        mixer_factory=make_slow_ac_odm,
+    return AgentActorSpec(
+        cfg, OBS_SPACE, ACT_SPACE, mixer_kwargs={**kwargs, "step_sleep_s": update_s}, mixer_factory=make_slow_ac_odm
     )
-    remote = RemoteMixer(spec)
+
+
+def test_remote_ac_odm_act_never_waits_for_a_slow_update(ray_session) -> None:
+    update_s = 1.5
+    remote = RemoteMixer(_slow_ac_odm_spec(update_s))
     try:
         remote.act(_trajectory(0)[0][0])  # warm the actor up (first call imports torch, builds)
         caller_s = _loop_with_short_lm_steps(remote, steps=4, lm_step_s=0.05)
@@ -510,13 +510,8 @@ def test_ordered_local_acting_acts_exactly_like_the_ordered_actor(ray_session, o
 @pytest.mark.slow
 @pytest.mark.ray
 def test_local_acting_never_waits_for_a_slow_update(ray_session) -> None:
-    cfg, kwargs = _ac_odm_setup()
-    cfg = cfg.model_copy(update={"warmup_fraction": 0.0})
     update_s = 1.5
-    spec = AgentActorSpec(
-        cfg, OBS_SPACE, ACT_SPACE, mixer_kwargs={**kwargs, "step_sleep_s": update_s}, mixer_factory=make_slow_ac_odm
-    )
-    split = LocalActingMixer(spec, asynchronous=True)
+    split = LocalActingMixer(_slow_ac_odm_spec(update_s), asynchronous=True)
     try:
         split.stats()  # the actor is up
         caller_s = _loop_with_short_lm_steps(split, steps=4, lm_step_s=0.05)
