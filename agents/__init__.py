@@ -6,6 +6,7 @@ Pure torch/numpy: no Ray, no MLflow, no ``envs`` internals (agents see arrays an
 from agents.ac_odm import ActorCriticMixer, read_policy
 from agents.base import BaseMixer, Mixer, build_mixer, mixer_kinds, project_to_simplex, register_mixer
 from agents.config import AgentConfig, ExplorationConfig
+from agents.greedy import GreedyMixer, MirrorDescentMixer
 from agents.networks import Actor, Critic, polyak_update
 from agents.odm import Exp3Mixer, SmoothedMeanMixer
 from agents.replay import ReplayBatch, ReplayBuffer
@@ -19,6 +20,8 @@ __all__ = [
     "Critic",
     "Exp3Mixer",
     "ExplorationConfig",
+    "GreedyMixer",
+    "MirrorDescentMixer",
     "Mixer",
     "ReplayBatch",
     "ReplayBuffer",

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.base import BaseMixer, register_mixer
+from agents.greedy import GreedyMixer
 from agents.networks import Actor, Critic, hard_update, polyak_update
 from agents.odm import SmoothedMeanMixer
 from agents.replay import ReplayBuffer
@@ -129,7 +130,11 @@ class ActorCriticMixer(BaseMixer):
         )
         self.explore_rng = np.random.default_rng(explore_seq)
         self.noise_generator = torch.Generator().manual_seed(int(noise_seq.generate_state(1)[0]))
-        self.teacher = SmoothedMeanMixer(*args, **kwargs)  # ODM's paper method drives the warmup
+        # The warm-up teacher: the greedy alignment mixer (default), or ODM's paper method (the reference).
+        teacher_cls = GreedyMixer if cfg.warmup_teacher == "greedy" else SmoothedMeanMixer
+        self.teacher = teacher_cls(*args, **kwargs)
+        # Sum of the warm-up mixtures applied: the KL term's prior with ``entropy_prior: warmup``.
+        self.warmup_mixture_sum_K = np.zeros(self.num_domains)
         self.num_decisions = 0  # transitions observed (= env steps taken)
         self.num_updates = 0  # critic steps, warmup included
         self.num_main_updates = 0  # critic steps after warmup: the LR schedule's and policy delay's clock
@@ -184,7 +189,12 @@ class ActorCriticMixer(BaseMixer):
         if not np.all(np.isfinite(obs_S)):
             raise ValueError(f"obs must be finite, got {obs_S.tolist()}")
         if self.in_warmup:
-            return self.teacher.act(obs_S)
+            teacher_K = self.teacher.act(obs_S)
+            if explore and not self.frozen and self.config.warmup_explore:
+                # Vary the warm-up's actions around the teacher's, so the critic sees what the reward
+                # does near the teacher's mixture before the actor moves (undecayed noise).
+                teacher_K = self._explore(np.log(np.maximum(teacher_K, _WEIGHT_EPS)), decayed=False)
+            return self._finish(teacher_K)
         obs_1S = torch.tensor(obs_S, device=self.device)[None]  # a copy: Ray hands read-only arrays
         with self._policy_lock, torch.no_grad():  # the published policy, never one mid-update
             logits_K = self._acting.logits(obs_1S)[0].to("cpu", torch.float64).numpy()
@@ -194,9 +204,10 @@ class ActorCriticMixer(BaseMixer):
             self.num_explore += 1
         return self._finish(weights_K)
 
-    def _explore(self, logits_K: np.ndarray) -> np.ndarray:
+    def _explore(self, logits_K: np.ndarray, decayed: bool = True) -> np.ndarray:
         """Logit-Gaussian: ``softmax(logits + N(0, scale^2))``; Dirichlet: ``Dir(weights / scale)``."""
-        kind, scale = self.config.exploration.kind, self.exploration_scale
+        kind = self.config.exploration.kind
+        scale = self.exploration_scale if decayed else (0.0 if kind == "none" else self.config.exploration.scale)
         if kind == "logit_gaussian" and scale > 0:
             return _softmax(logits_K + self.explore_rng.normal(0.0, scale, size=logits_K.shape))
         if kind == "dirichlet" and scale > 0:
@@ -222,9 +233,11 @@ class ActorCriticMixer(BaseMixer):
         """
         obs_S, weights_K, next_obs_S = self._check_transition(obs, weights, next_obs, info)
         rewards_K = None if self.frozen else self._check_vector_info(info, "reward_parts_K")
-        if self.in_warmup:
+        if self.in_warmup or self.config.entropy_prior == "teacher":
             self.teacher.observe(obs_S, weights_K, reward, next_obs_S, info)
         with self._data_lock:  # an update on another thread may be sampling the buffer
+            if self.in_warmup:
+                self.warmup_mixture_sum_K += weights_K
             self.num_decisions += 1
             if rewards_K is None:
                 return
@@ -368,12 +381,21 @@ class ActorCriticMixer(BaseMixer):
         # 6. Actor step with the actor's own optimizer (spec B1). Warmup: behaviour-clone the teacher's
         #    weights (MSE). Then every policy_delay-th update: maximise the sum of the critic's heads.
         actor_loss = None
+        kl_to_prior = None
         if warmup:
             actor_loss = F.mse_loss(self.actor(obs_BS), weights_BK)
         elif self.num_main_updates % cfg.policy_delay == 0:
+            # Maximum-entropy actor on the simplex: maximise the critic's heads minus
+            # alpha * KL(pi(s) || prior), which keeps an interior mixture unless the critic pays for
+            # leaving it.
+            log_pi_BK = F.log_softmax(self.actor.logits(obs_BS), dim=-1)
+            pi_BK = log_pi_BK.exp()
             _set_requires_grad(self._params["critic"], False)  # the actor objective must not touch the critic
-            actor_loss = -self.critic.q1(obs_BS, self.actor(obs_BS)).sum(dim=-1).mean()
+            actor_loss = -self.critic.q1(obs_BS, pi_BK).sum(dim=-1).mean()
             _set_requires_grad(self._params["critic"], True)
+            kl_to_prior = (pi_BK * (log_pi_BK - self._log_prior_K())).sum(dim=-1).mean()
+            if cfg.entropy_coef > 0:
+                actor_loss = actor_loss + cfg.entropy_coef * kl_to_prior
         if actor_loss is not None:
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward()
@@ -387,6 +409,7 @@ class ActorCriticMixer(BaseMixer):
         return {
             "agent/critic_loss": critic_loss.item(),
             "agent/actor_loss": math.nan if actor_loss is None else actor_loss.item(),
+            "agent/kl_to_prior": math.nan if kl_to_prior is None else kl_to_prior.item(),
             "agent/q_mean": q_CBK[0].mean().item(),
             "agent/target_q_mean": target_q_BK.mean().item(),
             "agent/actor_lr": actor_lr,
@@ -397,6 +420,17 @@ class ActorCriticMixer(BaseMixer):
             "agent/num_updates": float(self.num_updates),
             "agent/skipped_transitions": float(self.num_skipped),
         }
+
+    def _log_prior_K(self) -> torch.Tensor:
+        """log of the KL term's prior: uniform, the mean warm-up mixture (uniform before any), or the
+        teacher's current mixture (the teacher keeps learning after the warm-up)."""
+        prior_K = np.full(self.num_domains, 1.0 / self.num_domains)
+        total = self.warmup_mixture_sum_K.sum()
+        if self.config.entropy_prior == "warmup" and total > 0:
+            prior_K = np.maximum(self.warmup_mixture_sum_K / total, _WEIGHT_EPS)
+        elif self.config.entropy_prior == "teacher":
+            prior_K = np.maximum(self.teacher.act(np.zeros(self.obs_dim, dtype=np.float32)), _WEIGHT_EPS)
+        return torch.as_tensor(np.log(prior_K / prior_K.sum()), dtype=torch.float32, device=self.device)
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, base_lr: float, warmup: bool) -> float:
         """The schedule: ``base_lr`` in warmup and for ``constant``; ``cosine`` decays from ``base_lr`` to
@@ -426,6 +460,7 @@ class ActorCriticMixer(BaseMixer):
             "noise_generator": self.noise_generator.get_state(),
             "counters": {name: getattr(self, name) for name in _COUNTERS},
             "teacher": self.teacher.state_dict(),
+            "warmup_mixture_sum_K": torch.tensor(self.warmup_mixture_sum_K, dtype=torch.float64),
         }
         return copy.deepcopy(state)
 
@@ -446,6 +481,7 @@ class ActorCriticMixer(BaseMixer):
         for name in _COUNTERS:
             setattr(self, name, type(getattr(self, name))(state["counters"][name]))
         self.teacher.load_state_dict(state["teacher"])
+        self.warmup_mixture_sum_K = np.asarray(state["warmup_mixture_sum_K"], dtype=np.float64).copy()
         self._publish_policy()
 
     def save_policy(self, path: str | os.PathLike[str]) -> None:

@@ -35,7 +35,7 @@ from agents.config import AgentConfig
 logger = logging.getLogger(__name__)
 
 # Modules whose classes register themselves; imported lazily by ``build_mixer`` (no import cycle).
-_IMPLEMENTATION_MODULES = ("agents.ac_odm", "agents.odm", "agents.static")
+_IMPLEMENTATION_MODULES = ("agents.ac_odm", "agents.greedy", "agents.odm", "agents.static")
 _REGISTRY: dict[str, type[BaseMixer]] = {}
 
 

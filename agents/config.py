@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-AgentKind = Literal["ac_odm", "smoothed_mean", "exp3", "uniform", "natural", "fixed"]
+AgentKind = Literal["ac_odm", "greedy", "mirror_descent", "smoothed_mean", "exp3", "uniform", "natural", "fixed"]
 
 
 class _StrictModel(BaseModel):
@@ -57,10 +57,31 @@ class AgentConfig(_StrictModel):
     num_critics: int = Field(1, ge=1, le=2, description="2 = TD3 twin critics.")
     policy_delay: int = Field(1, ge=1)
     target_noise: float = Field(0.0, ge=0, description="TD3 target policy smoothing (logit std).")
+    entropy_coef: float = Field(
+        1.0,
+        ge=0,
+        description="alpha of the actor's KL(pi(s) || prior) term (maximum-entropy actor-critic on the simplex).",
+    )
+    entropy_prior: Literal["uniform", "warmup", "teacher"] = Field(
+        "teacher",
+        description="The KL term's prior: uniform, the mean warm-up mixture, or the teacher's current "
+        "mixture (the teacher keeps learning after the warm-up).",
+    )
+    warmup_explore: bool = Field(
+        False, description="Explore around the teacher's mixture during the warm-up (the critic sees actions vary)."
+    )
+    warmup_teacher: Literal["greedy", "odm"] = Field(
+        "greedy", description="Who drives the warm-up: the greedy alignment mixer or ODM's smoothed mean."
+    )
     device: str = "cpu"
     # ODM bandits
     smoothing: float = Field(0.5, ge=0, lt=1, description="ODM smoothed-mean alpha.")
     exp3_reward_scale: float = Field(0.1, gt=0, description="EXP3 reward multiplier (ODM divides by 10).")
+    # closed-form alignment mixers (agents.greedy); also the AC-ODM warm-up teacher
+    greedy_smoothing: float = Field(0.9, ge=0, lt=1, description="EMA factor of the greedy mixer's Gram matrix.")
+    greedy_objective: Literal["direction", "quadratic"] = "direction"
+    greedy_curvature: float = Field(1.0, gt=0, description="lam of greedy_objective quadratic.")
+    mirror_descent_lr: float = Field(0.1, gt=0, description="eta of mirror descent: log w += eta * alignment.")
 
     @model_validator(mode="after")
     def _check(self) -> AgentConfig:

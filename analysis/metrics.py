@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_METRIC = "val/mean_ppl"
 CONFIDENCE = 0.95
 # Display order of method kinds; methods of the same kind keep the order in which they were given.
-KIND_ORDER = ("uniform", "natural", "fixed", "smoothed_mean", "exp3", "ac_odm")
+KIND_ORDER = ("uniform", "natural", "fixed", "smoothed_mean", "exp3", "mirror_descent", "greedy", "ac_odm")
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,10 @@ VARIANT_LABELS = {
 AGENT_ACTING = ("local", "actor")
 # What the ledger-free loop hands the agent actor (``ray_jobs.train`` ships the same keys plus the
 # validity flags; the Gram matrix and the signals record stay on the trainer).
-_AGENT_INFO_KEYS = ("loss_K", "reward_parts_K", "scores_K", "weights_K", "reward_valid", "skipped")
+_AGENT_INFO_KEYS = (
+    "loss_K", "reward_parts_K", "scores_K", "weights_K", "reward_valid", "skipped",
+    "gram_KK", "reward_gram_KK", "microbatches_K", "target_mask_K",
+)
 
 
 # --------------------------------------------------------------------------------------------- machine facts

@@ -195,7 +195,23 @@ class EnvConfig(StrictModel):
     """The Gymnasium environment's semantics."""
 
     steps_per_action: int = Field(1, gt=0, description="Optimiser steps per env.step.")
-    reward_mode: Literal["mixture", "reference"] = "mixture"
+    reward_mode: Literal["direction", "quadratic", "mixture", "reference"] = Field(
+        "direction",
+        description="direction: cosine of the step's update with the target gradient (default); "
+        "quadratic: second-order target-loss decrease; mixture: <w, s> (linear, collapses onto a vertex); "
+        "reference: the paper's per-domain z-scores. See envs.rewards.",
+    )
+    reward_curvature: float = Field(1.0, gt=0, description="lam of reward_mode quadratic.")
+    reward_smoothing: float = Field(
+        0.9,
+        ge=0,
+        lt=1,
+        description="EMA factor of the Gram matrix that direction/quadratic score the step under; 0 = the "
+        "step's own (envs.rewards).",
+    )
+    debias_gram: bool = Field(
+        True, description="Unbiased Gram diagonal from per-micro-batch gradient norms (envs.rewards)."
+    )
     observation_mode: Literal["default", "reference"] = "default"
     clamp: float = Field(3.0, gt=0, description="z-score clamp for features and scores.")
     action_floor: float = Field(0.0, ge=0, lt=1, description="Minimum weight per domain after projection.")

@@ -16,7 +16,7 @@ from gymnasium import spaces
 from envs.backends import LMBackend, TrainerBackend
 from envs.config import EnvConfig
 from envs.observation import ObservationState, build_observation, observation_bounds
-from envs.rewards import compute_reward
+from envs.rewards import GramAverage, compute_reward
 from envs.signals import TrainSignals
 from envs.simulated import SimulatedBackend, SimulatedConfig, SimulatedDomain
 
@@ -95,6 +95,12 @@ def _simulated_from_experiment(config: Any) -> SimulatedConfig:
     return SimulatedConfig(domains=domains, total_steps=config.train.total_steps)
 
 
+def _mean_gram(grams: list[np.ndarray | None]) -> np.ndarray | None:
+    """The mean of the steps' reward Gram matrices (those that exist); None when none does."""
+    present = [g for g in grams if g is not None]
+    return np.mean(present, axis=0) if present else None
+
+
 class DataMixingEnv(gym.Env[np.ndarray, np.ndarray]):
     """Choose the data mixture of the next optimiser step(s) of an LM pretraining run.
 
@@ -136,9 +142,11 @@ class DataMixingEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ## Rewards
 
-    Alignment scores ``s`` (K) from the Gram matrix (``envs.rewards``). ``reward_mode: mixture``
-    (default): ``r = <w, s>``, per-domain parts ``w_i s_i``; ``reference``: parts ``s_i``, ``r`` their
-    mean. With ``steps_per_action > 1`` the reward, scores and parts are means over the steps. A skipped
+    From the Gram matrix of per-domain gradients (``envs.rewards``). ``reward_mode: direction``
+    (default): the cosine between the step's update ``sum_i m_i g_i`` (``m`` the realised micro-batch
+    shares) and the mean target gradient, with per-domain parts summing to it; ``quadratic``: a
+    second-order model of the target loss decrease; ``mixture``: ``r = <w, s>`` with alignment scores
+    ``s``; ``reference``: parts ``s_i``, ``r`` their mean. With ``steps_per_action > 1`` the reward, scores and parts are means over the steps. A skipped
     (non-finite) LM step contributes 0.
 
     ## Starting State
@@ -155,7 +163,9 @@ class DataMixingEnv(gym.Env[np.ndarray, np.ndarray]):
     ## Info
 
     ``weights_K`` (the projected mixture), ``loss_K`` (per-domain train loss, NaN if absent),
-    ``scores_K``, ``raw_scores_K``, ``reward_parts_K``, ``reward_valid``, ``gram_KK``, ``raw_features``
+    ``scores_K``, ``raw_scores_K``, ``reward_parts_K``, ``reward_valid``, ``gram_KK`` (the last step's),
+    ``reward_gram_KK`` (the step's debiased Gram matrix, before smoothing; mean over the action's steps),
+    ``microbatches_K`` (over the action's steps), ``target_mask_K``, ``raw_features``
     (un-normalised observation features), ``signals`` (the last step's ``TrainSignals``, as
     ``StepSignals``), ``step_signals`` (all of this action's), ``step`` and ``skipped``. Validation is
     not run by ``step``: call ``env.evaluate()`` on the driver's schedule (every rank, under DDP).
@@ -174,8 +184,8 @@ class DataMixingEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ## Version History
 
-    - v0: initial version (AC-ODM observation with step-to-step changes and progress in [0, 1]; reward
-      modes ``mixture`` and ``reference``).
+    - v0: AC-ODM observation with step-to-step changes and progress in [0, 1]; reward modes
+      ``direction`` (default), ``quadratic``, ``mixture`` and ``reference``.
     """
 
     metadata: dict[str, Any] = {"render_modes": []}
@@ -217,8 +227,15 @@ class DataMixingEnv(gym.Env[np.ndarray, np.ndarray]):
         self.observation_space = spaces.Box(low, high, dtype=np.float32)
         self.action_space = spaces.Box(0.0, 1.0, (self.num_domains,), dtype=np.float32)
         self._obs_state = ObservationState()
+        self._gram_average = self._new_gram_average()
         self._steps_done = 0
         self._needs_reset = True
+
+    def _new_gram_average(self) -> GramAverage | None:
+        beta = self.env_config.reward_smoothing
+        if beta <= 0 or self.env_config.reward_mode not in ("direction", "quadratic"):
+            return None
+        return GramAverage(self.num_domains, beta)
 
     def _make_backend(
         self, config: Any, backend: str | TrainerBackend, simulated: SimulatedConfig | None, device: Any
@@ -266,6 +283,7 @@ class DataMixingEnv(gym.Env[np.ndarray, np.ndarray]):
         backend_seed = int(self.np_random.integers(0, 2**31 - 1))
         signals = self.backend.reset(backend_seed)
         self._obs_state = ObservationState()
+        self._gram_average = self._new_gram_average()
         self._steps_done = 0
         self._needs_reset = False
         obs, raw = self._observe(signals)
@@ -292,7 +310,15 @@ class DataMixingEnv(gym.Env[np.ndarray, np.ndarray]):
             signals = self.backend.step(weights_K.copy())
             history.append(StepSignals.of(signals))
             results.append(
-                compute_reward(signals, mode=self.env_config.reward_mode, clamp=self.env_config.clamp)
+                compute_reward(
+                    signals,
+                    mode=self.env_config.reward_mode,
+                    clamp=self.env_config.clamp,
+                    target_mask_K=self.target_mask_K,
+                    curvature=self.env_config.reward_curvature,
+                    debias=self.env_config.debias_gram,
+                    average=self._gram_average,
+                )
             )
         self._steps_done += num
         last = history[-1]
@@ -307,6 +333,9 @@ class DataMixingEnv(gym.Env[np.ndarray, np.ndarray]):
             "reward_parts_K": np.mean([r.parts_K for r in results], axis=0),
             "reward_valid": all(r.valid for r in results),
             "gram_KK": None if last.gram_KK is None else np.asarray(last.gram_KK).copy(),
+            "reward_gram_KK": _mean_gram([r.gram_KK for r in results]),
+            "microbatches_K": np.sum([s.microbatches_K for s in history], axis=0),
+            "target_mask_K": self.target_mask_K.copy(),
             "raw_features": raw,
             "signals": last,
             "step_signals": tuple(history),
@@ -341,6 +370,7 @@ class DataMixingEnv(gym.Env[np.ndarray, np.ndarray]):
             "domain_names": list(self.domain_names),
             "np_random": self.np_random.bit_generator.state,
             "observation": self._obs_state.state_dict(),
+            "gram_average": None if self._gram_average is None else self._gram_average.state_dict(),
             "steps_done": self._steps_done,
             "needs_reset": self._needs_reset,
             "backend": self.backend.state_dict(),
@@ -362,6 +392,9 @@ class DataMixingEnv(gym.Env[np.ndarray, np.ndarray]):
         rng.bit_generator.state = rng_state
         self._np_random = rng
         self._obs_state = ObservationState.from_state_dict(state["observation"])
+        self._gram_average = self._new_gram_average()
+        if self._gram_average is not None and state.get("gram_average") is not None:
+            self._gram_average.load_state_dict(state["gram_average"])
         self._steps_done = int(state["steps_done"])
         self._needs_reset = bool(state["needs_reset"])
 

@@ -304,6 +304,7 @@ class Pretrainer:
             grad_norm=grad_norm,
             skipped=skipped,
             gram_KK=extra.get("gram_KK"),
+            microbatch_sqnorm_K=extra.get("microbatch_sqnorm_K"),
             weight_norms_L=extra.get("weight_norms_L"),
             weight_delta_norms_L=extra.get("weight_delta_norms_L"),
             timings=timings,

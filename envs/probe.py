@@ -198,6 +198,11 @@ class GradientProbe:
         self.sketch = CountSketch(config.sketch_dim, self.seed) if config.mode == "sketch" else None
         width = config.sketch_dim if self.sketch is not None else self.num_values
         self._sums = torch.zeros(num_domains, width, dtype=torch.float32, device=self.device)
+        # Per-domain sums of each micro-batch's *exact* squared gradient norm, and the running one of
+        # the current micro-batch: what ``envs.rewards.debiased_gram`` needs to remove each domain's
+        # sampling noise from its own Gram diagonal.
+        self._sqnorm_sums = torch.zeros(num_domains, dtype=torch.float64, device=self.device)
+        self._mb_sqnorm = torch.zeros((), dtype=torch.float64, device=self.device)
         self._hash_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if self.sketch is not None and self.num_values <= SKETCH_CACHE_MAX:
             self._hash_cache = []
@@ -252,6 +257,7 @@ class GradientProbe:
             self._fired += 1
             row = self._sums[self._domain]
             flat = grad.detach().reshape(-1).to(torch.float32)
+            self._mb_sqnorm += flat.square().sum(dtype=torch.float64)
             if self.sketch is None:
                 row[lo:hi].add_(flat)
             elif self._hash_cache is not None:
@@ -269,6 +275,7 @@ class GradientProbe:
         if not self._handles:
             raise RuntimeError("GradientProbe.begin_step on a closed probe; attach a new probe instead")
         self._sums.zero_()
+        self._sqnorm_sums.zero_()
         self._domain = None
         self.hook_seconds = 0.0
 
@@ -278,6 +285,7 @@ class GradientProbe:
             raise ValueError(f"domain index {domain} out of range [0, {self.num_domains})")
         self._domain = int(domain)
         self._fired = 0
+        self._mb_sqnorm.zero_()
 
     def end_microbatch(self) -> None:
         """Close the micro-batch; warn once if no probed gradient arrived (probe on the wrong model?)."""
@@ -289,6 +297,8 @@ class GradientProbe:
                 self._domain,
             )
             self._missing_warned = True
+        if self._domain is not None:
+            self._sqnorm_sums[self._domain] += self._mb_sqnorm
         self._domain = None
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
@@ -310,8 +320,12 @@ class GradientProbe:
         return self._sums.mul_(torch.as_tensor(inv, dtype=torch.float32, device=self.device)[:, None])
 
     def end_step(self, microbatches_K: np.ndarray) -> dict[str, np.ndarray]:
-        """``{"gram_KK": G G^T}`` of the per-domain mean gradients (float64, identical on all ranks)."""
-        return {"gram_KK": gram_matrix(self.mean_gradients(microbatches_K))}
+        """``{"gram_KK": G G^T}`` of the per-domain mean gradients and ``{"microbatch_sqnorm_K": ...}``,
+        the per-domain sums of each micro-batch's squared gradient norm (float64, identical on all
+        ranks)."""
+        gram = gram_matrix(self.mean_gradients(microbatches_K))
+        self._all_reduce(self._sqnorm_sums)
+        return {"gram_KK": gram, "microbatch_sqnorm_K": self._sqnorm_sums.cpu().numpy().copy()}
 
     @torch.no_grad()
     def weight_norms(self) -> np.ndarray:
@@ -398,6 +412,7 @@ class GradientProbe:
             handle.remove()
         self._handles = []
         self._sums = torch.zeros(0)
+        self._sqnorm_sums = torch.zeros(0, dtype=torch.float64)
         self._hash_cache = None
         self._weight_hash = None
         self._baseline = []

@@ -21,18 +21,57 @@ missing or non-finite (a skipped, overflowed step: reference bug B14), every sco
 result is marked invalid. Nothing divides by zero: the mean norm carries ``+1e-6`` and the std
 ``+1e-8``, so identical or orthogonal gradients give all-zero scores.
 
-Reward modes (``EnvConfig.reward_mode``): z-scored scores sum to zero over present domains, so the
-reference's actor objective (the mean of per-domain scores) is degenerate up to clamping.
-``mixture`` (default) rewards the mixture for the weight it put on aligned domains:
-``parts_i = w_i * s_i`` and ``r = sum_i parts_i = <w, s>``, a linear surrogate of constructive
-gradient interference. ``reference`` keeps the literal per-domain scores: ``parts_i = s_i`` and the
-scalar ``r = mean_i s_i``.
+Reward modes (``EnvConfig.reward_mode``). Users mark ``target`` domains and want their validation
+loss lower, sooner; the reward must be maximised by the mixture that does that, which is interior
+when domains are complementary. Write ``g_i`` for domain i's mean gradient this step, ``m`` for the
+step's realised mixture (each domain's share of the step's micro-batches: the update really is
+``g_m = sum_i m_i g_i``) and ``g_T`` for the mean gradient over the target domains present. All three
+modes below are functions of the Gram matrix alone.
+
+- ``direction`` (default): ``r = cos(g_m, g_T) = m^T G t / (sqrt(m^T G m) sqrt(t^T G t))`` with
+  ``t`` uniform over the present targets (``|g_m|`` from the raw Gram matrix: it is the update applied,
+  noise included; the rest from the debiased one; clipped to [-1, 1]). With Adam and clipping the update's length is roughly fixed,
+  so the first-order decrease of the target loss follows the update's direction. Parts:
+  ``parts_i = m_i (G t)_i / (|g_m| |g_T|)`` (they sum to r). Its maximiser over the simplex is the
+  mixture whose update points most nearly along the target gradient: junk (opposed) goes to the floor,
+  and complementary targets share the weight, because a mixture concentrated on one of them points
+  away from the others.
+- ``quadratic``: the second-order model of the target loss decrease, normalised by ``|g_T|^2``:
+  ``r = m^T a - (lam / 2) m^T A m`` with ``a = G t / |g_T|^2`` (alignment with the targets only) and
+  ``A = G / |g_T|^2``; ``lam`` is ``EnvConfig.reward_curvature``. Parts ``m_i a_i - (lam/2) m_i (A m)_i``.
+- ``mixture``: ``r = <w, s>`` (the project's first reward, linear in the mixture, so maximised at a
+  vertex: kept for the ablation). Parts ``w_i s_i``.
+- ``reference``: the paper's per-domain scores, ``parts_i = s_i`` and ``r = mean_i s_i``.
+
+**Self terms.** ``G_ii = |g_i|^2`` of a mean over ``n_i`` micro-batches carries their sampling noise,
+``E|g_i|^2 = |mu_i|^2 + v_i / n_i``, which would credit a target with alignment to itself that is only
+noise. With the per-domain sums of each micro-batch's squared norm ``S_i`` (``TrainSignals.
+microbatch_sqnorm_K``), ``debiased_gram`` replaces the diagonal by the unbiased
+``(n_i^2 G_ii - S_i) / (n_i (n_i - 1))`` (the mean of the cross products of distinct micro-batches:
+disjoint micro-batches estimate a domain's gradient and its alignment with itself) where
+``n_i >= 2``. Where ``n_i = 1`` the raw diagonal stays; its excess ``v_i / n_i`` times ``m_i = n_i / N``
+is ``v_i / N`` in the numerator, a constant that does not depend on the mixture. Off-diagonal entries
+pair independent micro-batches and are unbiased already.
+
+**Smoothing** (``EnvConfig.reward_smoothing``, beta). On a small LM the per-micro-batch gradient noise
+dwarfs the mean gradients: one step's debiased Gram matrix is unbiased but so noisy that its
+quadratic forms are often negative. ``GramAverage`` keeps an exponential moving average of the
+debiased Gram matrices (an entry moves only on steps where both domains were present; its first
+observation sets it) and projects it onto the positive semi-definite cone; ``direction`` and
+``quadratic`` then score the step's realised mixture under that smoothed geometry. The reward stays a
+function of the action (the mixture applied) and of a slowly moving state (the gradient geometry), with
+a fraction of the per-step noise. With beta = 0 the step's own debiased Gram matrix is used (and the
+update's norm comes from the raw one: it is the update applied, noise included).
+
+With no target or fewer than two domains present, or a Gram matrix that is missing, non-finite or
+gives a non-positive norm, the reward is 0 and marked invalid.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -41,7 +80,8 @@ from envs.signals import TrainSignals
 NORM_EPS = 1e-6
 STD_EPS = 1e-8
 
-RewardMode = Literal["mixture", "reference"]
+RewardMode = Literal["direction", "quadratic", "mixture", "reference"]
+REWARD_MODES: tuple[str, ...] = ("direction", "quadratic", "mixture", "reference")
 
 
 @dataclass(frozen=True)
@@ -50,11 +90,12 @@ class RewardResult:
 
     Attributes:
         reward: the env's scalar reward.
-        parts_K: per-domain reward parts (the critic's K heads); ``reward`` is their sum (mixture)
-            or mean (reference).
+        parts_K: per-domain reward parts (the critic's K heads); ``reward`` is their sum
+            (direction, quadratic, mixture) or mean (reference).
         scores_K: alignment scores ``s`` (z-scored, clamped; 0 for absent domains).
         raw_scores_K: off-diagonal Gram row sums over the mean gradient norm, before z-scoring.
         valid: False when no usable Gram matrix existed (no probe, skipped step, < 2 domains present).
+        gram_KK: the Gram matrix the reward used (diagonal debiased where possible); None when none.
     """
 
     reward: float
@@ -62,6 +103,7 @@ class RewardResult:
     scores_K: np.ndarray
     raw_scores_K: np.ndarray
     valid: bool
+    gram_KK: np.ndarray | None = None
 
 
 def zscore(values: np.ndarray, clamp: float, mask: np.ndarray | None = None) -> np.ndarray:
@@ -138,10 +180,124 @@ def alignment_scores(
     return zscore(raw, clamp, mask=present), raw, True
 
 
+def debiased_gram(
+    gram_KK: np.ndarray, microbatch_sqnorm_K: np.ndarray | None, microbatches_K: np.ndarray
+) -> np.ndarray:
+    """The Gram matrix with each diagonal entry of a domain with ``n_i >= 2`` micro-batches replaced
+    by the unbiased ``(n_i^2 G_ii - S_i) / (n_i (n_i - 1))`` (module docstring); unchanged without
+    ``microbatch_sqnorm_K``. A copy, float64."""
+    gram = np.array(gram_KK, dtype=np.float64)
+    if microbatch_sqnorm_K is None:
+        return gram
+    n_K = np.asarray(microbatches_K, dtype=np.float64)
+    s_K = np.asarray(microbatch_sqnorm_K, dtype=np.float64)
+    if s_K.shape != n_K.shape or gram.shape != (n_K.size, n_K.size):
+        raise ValueError(
+            f"microbatch_sqnorm_K {s_K.shape}, microbatches_K {n_K.shape} and gram_KK {gram.shape} disagree"
+        )
+    many = n_K >= 2
+    idx = np.flatnonzero(many)
+    n = n_K[idx]
+    gram[idx, idx] = (n * n * gram[idx, idx] - s_K[idx]) / (n * (n - 1.0))
+    return gram
+
+
+def psd_projection(gram_KK: np.ndarray) -> np.ndarray:
+    """The nearest positive semi-definite matrix (negative eigenvalues set to 0), symmetrised."""
+    sym = 0.5 * (np.asarray(gram_KK, dtype=np.float64) + np.asarray(gram_KK, dtype=np.float64).T)
+    vals, vecs = np.linalg.eigh(sym)
+    return (vecs * np.clip(vals, 0.0, None)) @ vecs.T
+
+
+class GramAverage:
+    """Exponential moving average of per-step (debiased) Gram matrices; part of the env's state.
+
+    ``update`` folds in one step's matrix: entries of pairs present together move by
+    ``G <- beta G + (1 - beta) G_step``, a pair's first observation sets its entry, and pairs not yet
+    seen stay 0. ``value`` is the average projected onto the positive semi-definite cone.
+    """
+
+    def __init__(self, num_domains: int, beta: float) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"reward_smoothing must be in [0, 1), got {beta}")
+        self.beta = float(beta)
+        self.mean_KK = np.zeros((num_domains, num_domains))
+        self.seen_KK = np.zeros((num_domains, num_domains), dtype=bool)
+
+    def update(self, gram_KK: np.ndarray, present_K: np.ndarray) -> np.ndarray:
+        """Fold in ``gram_KK`` over the present domains; returns ``value()``."""
+        present = np.asarray(present_K, dtype=bool)
+        both = present[:, None] & present[None, :]
+        fresh, old = both & ~self.seen_KK, both & self.seen_KK
+        self.mean_KK[fresh] = gram_KK[fresh]
+        self.mean_KK[old] = self.beta * self.mean_KK[old] + (1.0 - self.beta) * gram_KK[old]
+        self.seen_KK |= both
+        return self.value()
+
+    def value(self) -> np.ndarray:
+        """The positive semi-definite projection of the average (0 where never seen)."""
+        return psd_projection(np.where(self.seen_KK, self.mean_KK, 0.0))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain lists, for checkpoints."""
+        return {"mean_KK": self.mean_KK.tolist(), "seen_KK": self.seen_KK.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output; a state of another K is rejected."""
+        mean = np.asarray(state["mean_KK"], dtype=np.float64)
+        if mean.shape != self.mean_KK.shape:
+            raise ValueError(f"reward state has a {mean.shape} Gram average, this env {self.mean_KK.shape}")
+        self.mean_KK = mean
+        self.seen_KK = np.asarray(state["seen_KK"], dtype=bool)
+
+
+def target_vector(target_mask_K: np.ndarray, present_K: np.ndarray) -> np.ndarray:
+    """``t``: uniform over the target domains present (``g_T = sum_i t_i g_i``); zeros if none is."""
+    keep = np.asarray(target_mask_K, dtype=bool) & np.asarray(present_K, dtype=bool)
+    t = keep.astype(np.float64)
+    return t / t.sum() if t.sum() > 0 else t
+
+
+def direction_parts(
+    gram_KK: np.ndarray, mix_K: np.ndarray, t_K: np.ndarray, update_gram_KK: np.ndarray | None = None
+) -> tuple[np.ndarray, bool]:
+    """``parts_i = m_i (G t)_i / (|g_m| |g_T|)``, summing to ``cos(g_m, g_T)``; ``(zeros, False)`` when
+    either norm is not positive.
+
+    ``|g_m|`` is the norm of the update actually applied, so it comes from ``update_gram_KK`` (the raw
+    Gram matrix, noise included) when given; the alignment and ``|g_T|`` come from ``gram_KK`` (the
+    debiased one). An unbiased estimate is not a Cauchy-Schwarz pair, so the cosine is clipped to
+    [-1, 1] (the parts scaled alike)."""
+    gram = np.asarray(gram_KK, dtype=np.float64)
+    update = gram if update_gram_KK is None else np.asarray(update_gram_KK, dtype=np.float64)
+    mix, t = np.asarray(mix_K, dtype=np.float64), np.asarray(t_K, dtype=np.float64)
+    norm2_mix, norm2_t = float(mix @ update @ mix), float(t @ gram @ t)
+    if not (norm2_mix > 0 and norm2_t > 0):
+        return np.zeros_like(mix), False
+    parts = mix * (gram @ t) / math.sqrt(norm2_mix * norm2_t)
+    total = float(parts.sum())
+    if abs(total) > 1.0:
+        parts = parts / abs(total)
+    return parts, True
+
+
+def quadratic_parts(
+    gram_KK: np.ndarray, mix_K: np.ndarray, t_K: np.ndarray, curvature: float
+) -> tuple[np.ndarray, bool]:
+    """``parts_i = m_i a_i - (lam/2) m_i (A m)_i`` with ``a = G t / |g_T|^2``, ``A = G / |g_T|^2``;
+    ``(zeros, False)`` when ``|g_T|^2`` is not positive."""
+    gram = np.asarray(gram_KK, dtype=np.float64)
+    mix, t = np.asarray(mix_K, dtype=np.float64), np.asarray(t_K, dtype=np.float64)
+    norm2_t = float(t @ gram @ t)
+    if not norm2_t > 0:
+        return np.zeros_like(mix), False
+    return mix * (gram @ t - 0.5 * curvature * (gram @ mix)) / norm2_t, True
+
+
 def reward_from_scores(
     scores_K: np.ndarray, weights_K: np.ndarray, mode: RewardMode = "mixture"
 ) -> tuple[float, np.ndarray]:
-    """Turn scores into ``(reward, parts_K)`` for ``mode`` (module docstring)."""
+    """Turn scores into ``(reward, parts_K)`` for the score-based modes ``mixture`` and ``reference``."""
     scores = np.asarray(scores_K, dtype=np.float64)
     if mode == "mixture":
         weights = np.asarray(weights_K, dtype=np.float64)
@@ -151,24 +307,64 @@ def reward_from_scores(
         return float(parts.sum()), parts
     if mode == "reference":
         return float(scores.mean()) if scores.size else 0.0, scores.copy()
-    raise ValueError(f"reward mode must be 'mixture' or 'reference', got {mode!r}")
+    raise ValueError(f"reward mode must be 'mixture' or 'reference' here, got {mode!r}")
 
 
 def compute_reward(
-    signals: TrainSignals, *, mode: RewardMode = "mixture", clamp: float = 3.0
+    signals: TrainSignals,
+    *,
+    mode: RewardMode = "direction",
+    clamp: float = 3.0,
+    target_mask_K: np.ndarray | None = None,
+    curvature: float = 1.0,
+    debias: bool = True,
+    average: GramAverage | None = None,
 ) -> RewardResult:
-    """The reward of one optimiser step from its ``TrainSignals``.
+    """The reward of one optimiser step from its ``TrainSignals`` (module docstring).
+
+    Args:
+        signals: the step's record.
+        mode: one of ``REWARD_MODES``.
+        clamp: z-score clamp of the alignment scores.
+        target_mask_K: the target domains (``direction`` and ``quadratic``); all when None.
+        curvature: ``lam`` of the ``quadratic`` mode.
+        debias: replace the Gram diagonal by its unbiased estimate where possible (``debiased_gram``).
+        average: the env's ``GramAverage`` (``direction`` and ``quadratic``): this step's Gram matrix is
+            folded in and the step is scored under the smoothed geometry; None scores it under its own.
 
     A skipped step (non-finite loss or gradient) or a step without a usable Gram matrix gets zero
     scores and reward 0 with ``valid=False``, so an overflow never reaches the agent as a reward.
     """
+    if mode not in REWARD_MODES:
+        raise ValueError(f"env.reward_mode must be one of {list(REWARD_MODES)}, got {mode!r}")
     k = signals.num_domains
-    present = np.asarray(signals.microbatches_K) > 0
+    counts_K = np.asarray(signals.microbatches_K)
+    present = counts_K > 0
     gram = None if signals.skipped else signals.gram_KK
     if gram is not None and np.shape(gram) != (k, k):
         raise ValueError(f"signals.gram_KK must have shape ({k}, {k}), got {np.shape(gram)}")
     scores, raw, valid = alignment_scores(gram, present, clamp=clamp)
     if scores.shape != (k,):
         scores, raw = np.zeros(k), np.zeros(k)
-    reward, parts = reward_from_scores(scores, signals.weights_K, mode)
-    return RewardResult(reward=reward, parts_K=parts, scores_K=scores, raw_scores_K=raw, valid=valid)
+    if mode in ("mixture", "reference"):
+        reward, parts = reward_from_scores(scores, signals.weights_K, mode)
+        used = None if gram is None else np.asarray(gram, dtype=np.float64)
+        return RewardResult(reward, parts, scores, raw, valid, used if valid else None)
+    if not valid:
+        return RewardResult(0.0, np.zeros(k), scores, raw, False, None)
+    used = debiased_gram(gram, signals.microbatch_sqnorm_K if debias else None, counts_K)
+    targets = np.ones(k, dtype=bool) if target_mask_K is None else np.asarray(target_mask_K, dtype=bool)
+    if targets.shape != (k,):
+        raise ValueError(f"target_mask_K must have shape ({k},), got {targets.shape}")
+    t_K = target_vector(targets, present)
+    mix_K = counts_K / counts_K.sum()
+    if t_K.sum() == 0:
+        return RewardResult(0.0, np.zeros(k), scores, raw, False, used)
+    geometry, update = used, np.asarray(gram, dtype=np.float64)
+    if average is not None:
+        geometry = update = average.update(used, present)
+    if mode == "direction":
+        parts, ok = direction_parts(geometry, mix_K, t_K, update_gram_KK=update)
+    else:
+        parts, ok = quadratic_parts(geometry, mix_K, t_K, curvature)
+    return RewardResult(float(parts.sum()) if ok else 0.0, parts, scores, raw, ok, used)

@@ -32,6 +32,9 @@ class TrainSignals:
         skipped: the step had a non-finite loss or gradient and the update was not applied.
         gram_KK: Gram matrix of the per-domain *mean* gradients of the probed parameters
             (``G @ G.T``); None when no probe is attached. Rows/cols of absent domains are 0.
+        microbatch_sqnorm_K: per domain, the sum over its micro-batches of each micro-batch's squared
+            gradient norm (same parameters and scale as ``gram_KK``); with the counts it gives an
+            unbiased Gram diagonal (``envs.rewards.debiased_gram``). None when not measured.
         weight_norms_L: Frobenius norms of the monitored weight matrices after the update.
         weight_delta_norms_L: Frobenius norms of (weights after - weights before) this step.
         timings: seconds spent per phase (``data``, ``forward_backward``, ``optimizer``, ``probe``, ``step``).
@@ -47,6 +50,7 @@ class TrainSignals:
     grad_norm: float
     skipped: bool = False
     gram_KK: np.ndarray | None = None
+    microbatch_sqnorm_K: np.ndarray | None = None
     weight_norms_L: np.ndarray | None = None
     weight_delta_norms_L: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)

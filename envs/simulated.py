@@ -184,7 +184,9 @@ class SimulatedBackend:
     # ------------------------------------------------------------------ geometry and losses
     def _build(self, seed: int) -> None:
         cfg, k = self.config, self.num_domains
-        geometry_seq, noise_seq = np.random.SeedSequence(seed).spawn(2)
+        # The third stream (micro-batch spread) is spawned after the first two, so adding it left the
+        # geometry and noise streams of a seed unchanged.
+        geometry_seq, noise_seq, spread_seq = np.random.SeedSequence(seed).spawn(3)
         geo = np.random.default_rng(geometry_seq)
         basis_DD, _ = np.linalg.qr(geo.standard_normal((cfg.grad_dim, cfg.grad_dim)))
         shared_D, own_KD = basis_DD[:, 0], basis_DD[:, 1 : k + 1].T.copy()
@@ -202,6 +204,7 @@ class SimulatedBackend:
         self._weights_LW = geo.standard_normal((L, W)) * (1.0 + np.arange(L)[:, None] / max(L, 1))
         self._initial_LW = self._weights_LW.copy()
         self._rng = np.random.default_rng(noise_seq)
+        self._spread_rng = np.random.default_rng(spread_seq)
 
     def _effective_tokens(self, seen_K: np.ndarray) -> np.ndarray:
         u, r_star = self._size_K, self.config.repeat_decay
@@ -271,6 +274,11 @@ class SimulatedBackend:
         xi_KD = rng.standard_normal((k, cfg.grad_dim)) / math.sqrt(cfg.grad_dim)
         grads_KD = scale * (self._mu_KD + cfg.grad_noise / np.sqrt(np.maximum(counts, 1))[:, None] * xi_KD)
         grads_KD[~present] = 0.0
+        # Sum of the c_i micro-batches' squared norms: c_i ||g_i||^2 plus their spread around the mean,
+        # scale^2 sigma^2 chi^2_{(c_i - 1) D} / D (each micro-batch is scale (mu_i + sigma xi_m)).
+        spread_K = self._spread_rng.chisquare(np.maximum(counts - 1, 0) * cfg.grad_dim + (counts <= 1))
+        spread_K = np.where(counts > 1, spread_K, 0.0) * (scale * cfg.grad_noise) ** 2 / cfg.grad_dim
+        sqnorm_K = counts * np.einsum("kd,kd->k", grads_KD, grads_KD) + spread_K
         mixed_D = (counts[:, None] * grads_KD).sum(axis=0) / counts.sum()
 
         lr = cfg.lr * _lr_multiplier(self.step_count, self.total_steps, cfg.warmup_fraction)
@@ -292,6 +300,7 @@ class SimulatedBackend:
             lr=float(lr),
             grad_norm=float(np.linalg.norm(mixed_D)),
             gram_KK=grads_KD @ grads_KD.T,
+            microbatch_sqnorm_K=sqnorm_K,
             weight_norms_L=np.linalg.norm(self._weights_LW, axis=1),
             weight_delta_norms_L=np.linalg.norm(self._weights_LW - baseline, axis=1),
         )
@@ -319,6 +328,7 @@ class SimulatedBackend:
             "seen_K": self._seen_K.tolist(),
             "weights_LW": self._weights_LW.tolist(),
             "rng": self._rng.bit_generator.state,
+            "spread_rng": self._spread_rng.bit_generator.state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -333,6 +343,8 @@ class SimulatedBackend:
             )
         self._weights_LW = np.asarray(state["weights_LW"], dtype=np.float64).reshape(self._weights_LW.shape)
         self._rng.bit_generator.state = state["rng"]
+        if "spread_rng" in state:  # states written before the micro-batch spread existed lack it
+            self._spread_rng.bit_generator.state = state["spread_rng"]
 
     def close(self) -> None:
         """Nothing to free."""

@@ -117,10 +117,14 @@ class RecoveringMixer:
 
 
 def _slim_info(info: Any) -> Any:
-    """Only what mixers read crosses to the actor (not the signals record or the Gram matrix)."""
+    """Only what mixers read crosses to the actor (not the signals record; the K x K Gram matrices feed
+    the greedy and mirror-descent mixers and AC-ODM's greedy teacher)."""
     if not isinstance(info, dict):
         return info
-    keep = ("loss_K", "reward_parts_K", "scores_K", "weights_K", "reward_valid", "skipped")
+    keep = (
+        "loss_K", "reward_parts_K", "scores_K", "weights_K", "reward_valid", "skipped",
+        "gram_KK", "reward_gram_KK", "microbatches_K", "target_mask_K",
+    )
     return {k: info[k] for k in keep if k in info}
 
 

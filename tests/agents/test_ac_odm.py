@@ -16,7 +16,7 @@ from gymnasium import spaces
 
 from agents import ActorCriticMixer, AgentConfig, ExplorationConfig, SmoothedMeanMixer, build_mixer
 from agents.ac_odm import _softmax
-from tests.agents.test_known_answer import AlignmentBandit
+from tests.agents.test_known_answer import ComplementaryMixing
 
 torch.set_num_threads(1)
 K, S = 4, 7
@@ -121,10 +121,14 @@ def test_td_target_and_losses_match_a_hand_computation() -> None:
     metrics = mixer.update()
     assert metrics["agent/critic_loss"] == pytest.approx(critic_loss.item(), rel=1e-5)
     assert metrics["agent/target_q_mean"] == pytest.approx(target_q_BK.mean().item(), rel=1e-5)
-    with (
-        torch.no_grad()
-    ):  # actor loss: minus the summed heads of the stepped critic at the old actor's mixture
-        actor_loss = -mixer.critic.q1(obs_BS, before.actor(obs_BS)).sum(-1).mean()
+    with torch.no_grad():
+        # actor loss: minus the summed heads of the stepped critic at the old actor's mixture, plus
+        # entropy_coef (default 1) times the KL to the prior (the teacher's mixture: uniform here,
+        # since the greedy teacher saw no Gram matrix)
+        pi_BK = before.actor(obs_BS)
+        kl = (pi_BK * (pi_BK.log() - math.log(1.0 / K))).sum(-1).mean()
+        actor_loss = -mixer.critic.q1(obs_BS, pi_BK).sum(-1).mean() + 1.0 * kl
+    assert metrics["agent/kl_to_prior"] == pytest.approx(kl.item(), rel=1e-5)
     assert metrics["agent/actor_loss"] == pytest.approx(actor_loss.item(), rel=1e-5)
 
 
@@ -158,7 +162,7 @@ def test_td3_target_noise_is_seeded_and_used() -> None:
 
 # -- warmup -------------------------------------------------------------------------------------------------
 def test_warmup_follows_the_odm_teacher_then_copies_targets() -> None:
-    mixer = make_mixer(warmup_fraction=0.2, total_steps=100, tau=0.2)  # 20 warmup decisions
+    mixer = make_mixer(warmup_fraction=0.2, total_steps=100, tau=0.2, warmup_teacher="odm")  # 20 warmup decisions
     teacher = SmoothedMeanMixer(
         AgentConfig(kind="smoothed_mean"),
         spaces.Box(-5.0, 5.0, (S,), np.float32),
@@ -191,7 +195,7 @@ def test_warmup_follows_the_odm_teacher_then_copies_targets() -> None:
 
 
 def test_warmup_behaviour_clones_the_teacher() -> None:
-    mixer = make_mixer(warmup_fraction=0.5, total_steps=400, actor_lr=3e-3)
+    mixer = make_mixer(warmup_fraction=0.5, total_steps=400, actor_lr=3e-3, warmup_teacher="odm")
     rng = np.random.default_rng(0)
     obs = np.zeros(S, np.float32)
 
@@ -287,7 +291,7 @@ def test_invalid_transitions_are_dropped() -> None:
 
 # -- determinism and exact resume ------------------------------------------------------------------------------
 def run_env(
-    mixer: ActorCriticMixer, env: AlignmentBandit, obs: np.ndarray, num: int
+    mixer: ActorCriticMixer, env: ComplementaryMixing, obs: np.ndarray, num: int
 ) -> tuple[list, list, np.ndarray]:
     weights, metrics = [], []
     for _ in range(num):
@@ -300,14 +304,14 @@ def run_env(
     return weights, metrics, obs
 
 
-def _bandit_mixer(seed: int, env: AlignmentBandit, **overrides: Any) -> ActorCriticMixer:
+def _bandit_mixer(seed: int, env: ComplementaryMixing, **overrides: Any) -> ActorCriticMixer:
     return make_mixer(seed=seed, k=env.num_domains, s=env.num_domains + 1, warmup_fraction=0.2, **overrides)
 
 
 def test_two_seeded_runs_are_identical_and_seeds_matter() -> None:
     runs = []
     for seed in (3, 3, 4):
-        env = AlignmentBandit(num_domains=K, total_steps=100, seed=0)
+        env = ComplementaryMixing(total_steps=100, seed=0)
         weights, metrics, _ = run_env(_bandit_mixer(seed, env), env, env.reset(), 40)
         runs.append((np.array(weights), metrics))
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
@@ -319,7 +323,7 @@ def test_two_seeded_runs_are_identical_and_seeds_matter() -> None:
 def test_state_dict_round_trip_reproduces_the_next_20_actions_and_updates(
     overrides: dict[str, Any], tmp_path: Path
 ) -> None:
-    env = AlignmentBandit(num_domains=K, total_steps=100, seed=0)
+    env = ComplementaryMixing(total_steps=100, seed=0)
     mixer = _bandit_mixer(1, env, lr_schedule="cosine", **overrides)
     _, _, obs = run_env(mixer, env, env.reset(), 30)
     blob = io.BytesIO()
@@ -371,7 +375,9 @@ def test_frozen_mode_acts_with_the_loaded_policy_and_never_changes_a_parameter(t
 
 def test_frozen_mode_follows_the_teacher_during_warmup(tmp_path: Path) -> None:
     path, _ = _trained_policy(tmp_path)
-    frozen = make_mixer(mode="frozen", policy=str(path), warmup_fraction=0.5, total_steps=10)
+    frozen = make_mixer(
+        mode="frozen", policy=str(path), warmup_fraction=0.5, total_steps=10, warmup_teacher="odm"
+    )
     obs = np.zeros(S, np.float32)
     np.testing.assert_allclose(frozen.act(obs), frozen.teacher.act(obs))
     frozen.observe(obs, frozen.act(obs), 0.0, obs, {"loss_K": np.array([1.0, 2.0, 3.0, 9.0])})

@@ -131,6 +131,27 @@ def test_hooks_equal_per_domain_gradients_from_separate_backward_passes():
     probe.close()
 
 
+def test_end_step_sums_each_microbatch_squared_gradient_norm_per_domain():
+    """``microbatch_sqnorm_K`` is the per-domain sum of each micro-batch's squared gradient norm (what
+    the reward needs to debias the Gram diagonal), in exact and sketch mode alike."""
+    torch.set_num_threads(1)
+    k = 4
+    batches = micro_batches([0, 2, 0, 1, 2, 0])
+    for mode in ("exact", "sketch"):
+        model = tiny_model()
+        probe = GradientProbe(model, ProbeConfig(mode=mode, sketch_dim=64), num_domains=k)
+        counts = run_step(model, probe, batches, k)
+        got = probe.end_step(counts)["microbatch_sqnorm_K"]
+        params = [p for _, p in probe.params]
+        expected = np.zeros(k)
+        for d, tokens in batches:
+            grads = torch.autograd.grad(lm_loss(model, tokens) / len(batches), params)
+            expected[d] += sum(float(g.double().square().sum()) for g in grads)
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+        assert got[3] == 0.0
+        probe.close()
+
+
 def test_end_step_gram_and_reset_between_steps():
     model = tiny_model()
     probe = GradientProbe(model, ProbeConfig(), num_domains=3)

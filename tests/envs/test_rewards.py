@@ -10,6 +10,7 @@ from envs.rewards import (
     STD_EPS,
     alignment_scores,
     compute_reward,
+    debiased_gram,
     raw_alignment_scores,
     reward_from_scores,
     zscore,
@@ -170,3 +171,89 @@ def test_compute_reward_uses_counts_for_presence_and_skips_bad_steps():
     assert result.scores_K[3] == result.scores_K.min()
     skipped = compute_reward(signals(rows, [2, 1, 0, 1], [0.4, 0.3, 0.1, 0.2], skipped=True))
     assert not skipped.valid and skipped.reward == 0.0 and np.array_equal(skipped.parts_K, np.zeros(4))
+
+
+def unit(*xs):
+    v = np.asarray(xs, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+def test_direction_reward_is_the_cosine_of_the_update_with_the_target_gradient():
+    rows = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 1.0]])
+    counts = [2, 1, 1]  # realised shares m = [0.5, 0.25, 0.25]
+    sig = signals(rows, counts, [0.5, 0.25, 0.25])
+    result = compute_reward(sig, mode="direction", target_mask_K=np.array([True, True, False]), debias=False)
+    m = np.array([0.5, 0.25, 0.25])
+    update, target = m @ rows, rows[:2].mean(axis=0)
+    expected = update @ target / (np.linalg.norm(update) * np.linalg.norm(target))
+    assert result.valid and result.reward == pytest.approx(expected)
+    assert result.parts_K.sum() == pytest.approx(expected)
+    np.testing.assert_allclose(result.parts_K, m * (rows @ target) / (np.linalg.norm(update) * np.linalg.norm(target)))
+
+
+def test_quadratic_reward_matches_its_formula():
+    rows = np.array([[1.0, 0.5], [0.2, 1.0], [-1.0, 0.0]])
+    sig = signals(rows, [1, 1, 2], [0.25, 0.25, 0.5])
+    targets = np.array([True, True, False])
+    result = compute_reward(sig, mode="quadratic", target_mask_K=targets, curvature=2.0, debias=False)
+    g = gram(rows)
+    m, t = np.array([0.25, 0.25, 0.5]), np.array([0.5, 0.5, 0.0])
+    norm2 = t @ g @ t
+    assert result.reward == pytest.approx(m @ g @ t / norm2 - 0.5 * 2.0 * m @ g @ m / norm2)
+
+
+def test_direction_maximiser_is_interior_while_the_mixture_reward_is_maximised_at_a_vertex():
+    """The reason for the redesign: with complementary targets (a shared direction plus their own) and
+    an opposed junk domain, the cosine reward is highest for the even mixture of the targets, and the
+    linear <w, s> reward is highest for all weight on one domain."""
+    shared = np.eye(6)[0]
+    rows = np.array(
+        [a * shared + np.sqrt(1 - a * a) * np.eye(6)[i] for i, a in zip(range(1, 5), (0.7, 0.6, 0.6, 0.6), strict=True)]
+        + [-shared + 0.3 * np.eye(6)[5]]
+    )
+    targets = np.array([True] * 4 + [False])
+    g = gram(rows)
+    t = targets / targets.sum()
+
+    def cosine(w):
+        return float(w @ g @ t / np.sqrt((w @ g @ w) * (t @ g @ t)))
+
+    even = np.array([0.25] * 4 + [0.0])
+    vertices = list(np.eye(5))
+    tilted = np.array([0.4, 0.2, 0.2, 0.2, 0.0])
+    with_junk = np.array([0.2] * 5)
+    assert cosine(even) == pytest.approx(1.0)  # the target gradient itself
+    assert cosine(even) > cosine(tilted) > max(cosine(v) for v in vertices)
+    assert cosine(even) > cosine(with_junk)
+    scores, _, _ = alignment_scores(g)
+    linear = {name: reward_from_scores(scores, w, "mixture")[0] for name, w in [("even", even), ("tilted", tilted)]}
+    best_vertex = max(reward_from_scores(scores, v, "mixture")[0] for v in vertices)
+    # The linear reward pays more for one domain alone than for any spread of the targets.
+    assert best_vertex > linear["tilted"] > linear["even"]
+
+
+def test_direction_reward_is_invalid_without_a_present_target():
+    rows = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    sig = signals(rows, [0, 2, 2], [0.0, 0.5, 0.5])
+    result = compute_reward(sig, mode="direction", target_mask_K=np.array([True, False, False]))
+    assert not result.valid and result.reward == 0.0
+
+
+def test_debiased_gram_diagonal_is_unbiased_for_the_mean_gradient_norm():
+    """Over many draws the debiased diagonal averages to |mu|^2, the raw one to |mu|^2 + v / n."""
+    rng = np.random.default_rng(0)
+    mu = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0]])
+    n = np.array([3, 1])
+    raw, debiased = [], []
+    for _ in range(4000):
+        micro = [mu[i] + rng.normal(size=(n[i], 4)) for i in range(2)]
+        means = np.array([m.mean(axis=0) for m in micro])
+        sq = np.array([float((m**2).sum()) for m in micro])
+        g = means @ means.T
+        raw.append(np.diag(g))
+        debiased.append(np.diag(debiased_gram(g, sq, n)))
+    raw, debiased = np.mean(raw, axis=0), np.mean(debiased, axis=0)
+    assert debiased[0] == pytest.approx(1.0, abs=0.08)  # |mu_0|^2 = 1; the raw one is 1 + 4/3
+    assert raw[0] == pytest.approx(1.0 + 4.0 / 3.0, abs=0.1)
+    assert debiased[1] == pytest.approx(raw[1])  # one micro-batch: nothing to debias with, kept raw
+    np.testing.assert_array_equal(debiased_gram(np.eye(2), None, n), np.eye(2))

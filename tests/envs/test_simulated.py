@@ -13,7 +13,8 @@ from envs.simulated import SimulatedBackend, SimulatedConfig, largest_remainder_
 def run(backend, weights, steps):
     rewards = []
     for _ in range(steps):
-        rewards.append(compute_reward(backend.step(weights)).reward)
+        signals = backend.step(weights)
+        rewards.append(compute_reward(signals, target_mask_K=backend.target_mask_K).reward)
     return float(np.mean(rewards)), backend.evaluate()["val/mean_ppl"]
 
 
