@@ -19,7 +19,7 @@ with ``t`` uniform over the targets (``objective: quadratic`` maximises ``w^T a 
 instead, ``a = Gbar t / |g_T|^2``, ``A = Gbar / |g_T|^2``). ``Gbar`` is first projected onto the
 positive semi-definite cone (a debiased diagonal can make a smoothed estimate slightly indefinite).
 The ratio is not concave, so the solver (projected gradient ascent with a backtracking step) starts
-from the previous solution and from uniform and keeps the better. Its published relatives are DoGE
+from the previous solution, and from uniform whenever uniform is already better. Its published relatives are DoGE
 (arXiv 2310.15393) and DGA (arXiv 2410.02498). Before any Gram matrix has been seen it plays uniform.
 
 **Mirror descent** (``kind: mirror_descent``) accumulates each domain's alignment with the targets,
@@ -91,12 +91,19 @@ def quadratic_objective(
     return float(w_K @ a_K - 0.5 * curvature * w_K @ aw_K), a_K - curvature * aw_K
 
 
-def maximise_on_simplex(objective: Any, starts: list[np.ndarray], floor: float) -> np.ndarray:
-    """Projected gradient ascent with a backtracking step from each start; the best end point."""
-    best_w, best_v = starts[0], -math.inf
+def maximise_on_simplex(objective: Any, starts: list[np.ndarray], floor: float, tol: float = 1e-6) -> np.ndarray:
+    """Projected gradient ascent with a backtracking step on the floored simplex.
+
+    Ascends from ``starts[0]`` until a step moves no weight by more than ``tol``; each further start is
+    ascended from only if it is already better than the best point so far (a cheap guard against a
+    warm start stuck on a worse local maximum of a non-concave objective). Returns the best end point.
+    """
+    best_w, best_v = project_to_simplex(starts[0], floor), -math.inf
     for start in starts:
         w = project_to_simplex(start, floor)
         value, grad = objective(w)
+        if value <= best_v:
+            continue
         step = 1.0
         for _ in range(_SOLVER_ITERS):
             while step > 1e-8:
@@ -110,7 +117,7 @@ def maximise_on_simplex(objective: Any, starts: list[np.ndarray], floor: float) 
             moved = float(np.abs(cand - w).max())
             w, value, grad = cand, cand_value, cand_grad
             step *= 2.0
-            if moved < 1e-7:
+            if moved < tol:
                 break
         if value > best_v:
             best_w, best_v = w, value

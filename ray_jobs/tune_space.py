@@ -32,7 +32,7 @@ SUMMARY_METRICS = ("val/mean_ppl", "val/weighted_ppl", "val/geo_mean_ppl")
 RESERVED = ("name", "output_dir", "tune", "tracking")  # the sweep sets these per trial
 # Agent fields PBT must not perturb: they fix the networks' or buffers' shapes (a clone could not load).
 PBT_FIXED = ("agent.kind", "agent.mode", "agent.policy", "agent.weights", "agent.device", "agent.hidden_width",
-             "agent.num_hidden_layers", "agent.num_critics", "agent.buffer_size")
+             "agent.num_hidden_layers", "agent.num_critics", "agent.buffer_size", "agent.warmup_teacher")
 PBT_RESAMPLE_PROBABILITY = 0.25
 PBT_FACTORS = (0.8, 1.2)
 TRIALS_DIR = "trials"
