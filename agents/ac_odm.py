@@ -396,6 +396,10 @@ class ActorCriticMixer(BaseMixer):
             kl_to_prior = (pi_BK * (log_pi_BK - self._log_prior_K())).sum(dim=-1).mean()
             if cfg.entropy_coef > 0:
                 actor_loss = actor_loss + cfg.entropy_coef * kl_to_prior
+        if kl_to_prior is None:  # warm-up or a delayed step: report the policy's distance all the same
+            with torch.no_grad():
+                log_pi_BK = F.log_softmax(self.actor.logits(obs_BS), dim=-1)
+                kl_to_prior = (log_pi_BK.exp() * (log_pi_BK - self._log_prior_K())).sum(dim=-1).mean()
         if actor_loss is not None:
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward()
@@ -409,7 +413,7 @@ class ActorCriticMixer(BaseMixer):
         return {
             "agent/critic_loss": critic_loss.item(),
             "agent/actor_loss": math.nan if actor_loss is None else actor_loss.item(),
-            "agent/kl_to_prior": math.nan if kl_to_prior is None else kl_to_prior.item(),
+            "agent/kl_to_prior": kl_to_prior.item(),
             "agent/q_mean": q_CBK[0].mean().item(),
             "agent/target_q_mean": target_q_BK.mean().item(),
             "agent/actor_lr": actor_lr,
