@@ -262,7 +262,13 @@ def _gloo_entry(rank: int, fn: Callable[..., None], world_size: int, port: int, 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        # Tear down together: a rank destroying the group while its peer still holds gloo work (DDP's
+        # reducer) aborted the peer now and then ("terminate called without an active exception").
+        dist.barrier()
     finally:
+        import gc
+
+        gc.collect()  # release the DDP module (and its reducer's references to the group) first
         dist.destroy_process_group()
 
 
