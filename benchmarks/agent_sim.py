@@ -70,21 +70,6 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
-def complementary_domains() -> list[Any]:
-    """Four complementary targets (no hub) of different sizes and losses, and an opposed junk domain."""
-    from envs.simulated import SimulatedDomain
-
-    return [
-        SimulatedDomain(name="a", alignment=0.3, size_tokens=8_000_000, init_loss=6.0, floor_loss=3.2),
-        SimulatedDomain(name="b", alignment=0.3, size_tokens=6_000_000, init_loss=6.2, floor_loss=3.4),
-        SimulatedDomain(name="c", alignment=0.25, size_tokens=4_000_000, init_loss=5.5, floor_loss=2.0),
-        SimulatedDomain(name="d", alignment=0.35, size_tokens=3_000_000, init_loss=6.0, floor_loss=3.0),
-        SimulatedDomain(
-            name="junk", alignment=-0.6, size_tokens=6_000_000, init_loss=9.0, floor_loss=8.6, target=False
-        ),
-    ]
-
-
 def run(world: str, agent: dict[str, Any], reward_mode: str, seed: int, steps: int) -> dict[str, Any]:
     """One run; returns the final val/mean_ppl, the last 50 decisions' mean reward and mixture."""
     import torch
@@ -92,7 +77,7 @@ def run(world: str, agent: dict[str, Any], reward_mode: str, seed: int, steps: i
     from agents import AgentConfig, build_mixer
     from envs.config import EnvConfig
     from envs.env import DataMixingEnv
-    from envs.simulated import SimulatedConfig
+    from envs.simulated import SimulatedConfig, complementary_domains
 
     torch.set_num_threads(1)
     sim = SimulatedConfig(total_steps=steps, **({"domains": complementary_domains()} if world == "complementary" else {}))

@@ -83,6 +83,22 @@ def default_domains() -> list[SimulatedDomain]:
     ]
 
 
+def complementary_domains() -> list[SimulatedDomain]:
+    """Four complementary targets (a little of the shared direction each, their own the rest; no hub) of
+    different sizes and losses, and an opposed junk domain: the best mixture is interior (junk at the
+    floor, the rest spread over the targets). The known-answer tests and ``benchmarks/agent_sim.py``
+    use it."""
+    return [
+        SimulatedDomain(name="a", alignment=0.3, size_tokens=8_000_000, init_loss=6.0, floor_loss=3.2),
+        SimulatedDomain(name="b", alignment=0.3, size_tokens=6_000_000, init_loss=6.2, floor_loss=3.4),
+        SimulatedDomain(name="c", alignment=0.25, size_tokens=4_000_000, init_loss=5.5, floor_loss=2.0),
+        SimulatedDomain(name="d", alignment=0.35, size_tokens=3_000_000, init_loss=6.0, floor_loss=3.0),
+        SimulatedDomain(
+            name="junk", alignment=-0.6, size_tokens=6_000_000, init_loss=9.0, floor_loss=8.6, target=False
+        ),
+    ]
+
+
 class SimulatedConfig(StrictModel):
     """Parameters of the simulated pretraining run."""
 

@@ -28,7 +28,7 @@ from agents.greedy import direction_objective, maximise_on_simplex
 from envs.config import EnvConfig
 from envs.env import DataMixingEnv
 from envs.rewards import direction_parts
-from envs.simulated import SimulatedConfig, SimulatedDomain
+from envs.simulated import SimulatedConfig, complementary_domains
 
 FLOOR = 0.02
 
@@ -147,19 +147,6 @@ def test_greedy_mixer_finds_the_interior_optimum(seed: int) -> None:
     problem, final_K = run_complementary(seed, num_steps=60, config=AgentConfig(kind="greedy"))
     np.testing.assert_allclose(final_K, problem.optimum_K, atol=0.02)
     assert problem.expected_reward(final_K) >= problem.expected_reward(problem.optimum_K) - 1e-3
-
-
-def complementary_domains() -> list[SimulatedDomain]:
-    """Four complementary targets (no hub) of different sizes and losses, and an opposed junk domain."""
-    return [
-        SimulatedDomain(name="a", alignment=0.3, size_tokens=8_000_000, init_loss=6.0, floor_loss=3.2),
-        SimulatedDomain(name="b", alignment=0.3, size_tokens=6_000_000, init_loss=6.2, floor_loss=3.4),
-        SimulatedDomain(name="c", alignment=0.25, size_tokens=4_000_000, init_loss=5.5, floor_loss=2.0),
-        SimulatedDomain(name="d", alignment=0.35, size_tokens=3_000_000, init_loss=6.0, floor_loss=3.0),
-        SimulatedDomain(
-            name="junk", alignment=-0.6, size_tokens=6_000_000, init_loss=9.0, floor_loss=8.6, target=False
-        ),
-    ]
 
 
 def run_simulated(seed: int, config: AgentConfig | None, num_steps: int = 200, fixed: np.ndarray | None = None):
