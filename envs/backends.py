@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from envs.config import PretrainConfig
 from envs.signals import TrainSignals
-
-if TYPE_CHECKING:  # pragma: no cover - typing only; envs never imports ray_jobs at run time
-    from ray_jobs.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +87,7 @@ class LMBackend:
     """The real backend: a ``Pretrainer`` (GPT-NeoX on a prepared corpus) plus a ``GradientProbe``.
 
     Args:
-        config: an ``ExperimentConfig`` (``data``, ``lm``, ``optim``, ``sampler``, ``eval``, ``train``
+        config: a ``PretrainConfig`` (``data``, ``lm``, ``optim``, ``sampler``, ``eval``, ``train``
             and ``env.probe`` are used).
         corpus: an open ``PreparedCorpus``; default ``PreparedCorpus.open(config.data.prepared_dir)``.
         device: the training device; None = CUDA when available, else CPU.
@@ -102,7 +100,7 @@ class LMBackend:
 
     def __init__(
         self,
-        config: ExperimentConfig,
+        config: PretrainConfig,
         *,
         corpus: Any = None,
         device: Any = None,

@@ -4,8 +4,11 @@ These pydantic v2 models are frozen and forbid unknown keys, so a typo in a YAML
 names the dotted field instead of a silently ignored setting. Every dimension of the system derives
 from ``DataConfig.domains`` (K = ``len(domains)``); nothing assumes a fixed domain count.
 
-The experiment-level model that composes these (``ExperimentConfig``) lives in ``ray_jobs.config``;
-the agent's model lives in ``agents.config`` so that ``agents`` never imports ``envs``.
+``PretrainConfig`` is the run-level config the environment needs (data, LM, optimiser, sampler,
+budget, validation, env, seed). Config flows downward: ``ray_jobs.config.ExperimentConfig`` extends it
+with the agent, Ray, tracking, checkpoint, Tune and proxy sections, so an experiment config is a
+``PretrainConfig`` and the env never needs to know the layer above it. The agent's model lives in
+``agents.config`` so that ``agents`` never imports ``envs``.
 """
 
 from __future__ import annotations
@@ -171,13 +174,6 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(16, gt=0)
 
 
-class CheckpointConfig(StrictModel):
-    """Exact-resume checkpoints."""
-
-    interval: int = Field(50, gt=0, description="Checkpoint every N optimiser steps.")
-    keep_last: int = Field(2, gt=0)
-
-
 class ProbeConfig(StrictModel):
     """Which parameters feed the gradient-alignment reward and the weight-norm features."""
 
@@ -216,3 +212,29 @@ class EnvConfig(StrictModel):
     clamp: float = Field(3.0, gt=0, description="z-score clamp for features and scores.")
     action_floor: float = Field(0.0, ge=0, lt=1, description="Minimum weight per domain after projection.")
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
+
+
+class PretrainConfig(StrictModel):
+    """One pretraining run as the environment sees it: what ``DataMixingEnv`` and ``LMBackend`` read.
+
+    The YAML sections of the same names in an experiment file; ``ray_jobs.config.ExperimentConfig``
+    adds the orchestration sections on top (this class is its base, so its fields keep their place in
+    the file).
+    """
+
+    seed: int = Field(0, ge=0)
+    data: DataConfig
+    lm: LMConfig = Field(default_factory=LMConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+
+    @model_validator(mode="after")
+    def _floors_below_uniform(self) -> PretrainConfig:
+        k = len(self.data.domain_names)
+        for field, floor in (("env.action_floor", self.env.action_floor), ("sampler.weight_floor", self.sampler.weight_floor)):
+            if floor * k >= 1:
+                raise ValueError(f"{field}={floor} must be < 1/K = {1 / k:.4g} for K={k} domains")
+        return self

@@ -5,7 +5,6 @@ Dimension legend: K = domains, L = monitored layers, S = observation features (3
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.backends import LMBackend, TrainerBackend
-from envs.config import EnvConfig
+from envs.config import EnvConfig, PretrainConfig
 from envs.observation import ObservationState, build_observation, observation_bounds
 from envs.rewards import GramAverage, compute_reward
 from envs.signals import TrainSignals
@@ -79,7 +78,7 @@ class StepSignals(TrainSignals):
     __hash__ = None  # type: ignore[assignment]
 
 
-def _simulated_from_experiment(config: Any) -> SimulatedConfig:
+def _simulated_from_experiment(config: PretrainConfig) -> SimulatedConfig:
     """A simulation mirroring an experiment's domains: non-target domains become junk, equal sizes."""
     domains = [
         SimulatedDomain(
@@ -174,9 +173,9 @@ class DataMixingEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ``gymnasium.make("acodm/DataMixing-v0")`` builds the default simulation. Arguments:
 
-    - ``config``: an ``ExperimentConfig`` or the path of its YAML file (loaded with
-      ``ray_jobs.config.load_config``, imported lazily; it imports no Ray). Required for ``lm``; for
-      ``simulated`` it makes the simulation mirror its domains and budget.
+    - ``config``: a ``PretrainConfig`` (an experiment's ``ExperimentConfig`` is one: load a YAML file
+      with ``ray_jobs.config.load_config`` first). Required for ``lm``; for ``simulated`` it makes the
+      simulation mirror its domains and budget.
     - ``backend``: ``"simulated"`` (default), ``"lm"`` or a ``TrainerBackend`` instance.
     - ``env_config``: an ``EnvConfig``; default ``config.env`` or ``EnvConfig()``.
     - ``simulated``: a ``SimulatedConfig`` for the simulated backend.
@@ -192,7 +191,7 @@ class DataMixingEnv(gym.Env[np.ndarray, np.ndarray]):
 
     def __init__(
         self,
-        config: Any = None,
+        config: PretrainConfig | None = None,
         backend: str | TrainerBackend = "simulated",
         *,
         env_config: EnvConfig | None = None,
@@ -202,10 +201,11 @@ class DataMixingEnv(gym.Env[np.ndarray, np.ndarray]):
     ) -> None:
         if render_mode is not None:
             raise ValueError(f"DataMixingEnv has no render modes; got render_mode={render_mode!r}")
-        if isinstance(config, str | os.PathLike):
-            from ray_jobs.config import load_config  # no Ray import: config models and YAML only
-
-            config = load_config(config)
+        if config is not None and not isinstance(config, PretrainConfig):
+            raise TypeError(
+                f"config must be a PretrainConfig (or an ExperimentConfig, which is one), got {type(config).__name__}; "
+                "load a YAML file with ray_jobs.config.load_config(path) first"
+            )
         self.env_config = env_config or (config.env if config is not None else EnvConfig())
         self.backend = self._make_backend(config, backend, simulated, device)
         self.domain_names = list(self.backend.domain_names)
@@ -238,7 +238,7 @@ class DataMixingEnv(gym.Env[np.ndarray, np.ndarray]):
         return GramAverage(self.num_domains, beta)
 
     def _make_backend(
-        self, config: Any, backend: str | TrainerBackend, simulated: SimulatedConfig | None, device: Any
+        self, config: PretrainConfig | None, backend: str | TrainerBackend, simulated: SimulatedConfig | None, device: Any
     ) -> TrainerBackend:
         baseline = "initial" if self.env_config.observation_mode == "reference" else "previous"
         if not isinstance(backend, str):
@@ -253,7 +253,7 @@ class DataMixingEnv(gym.Env[np.ndarray, np.ndarray]):
             return SimulatedBackend(simulated, delta_baseline=baseline)
         if backend == "lm":
             if config is None:
-                raise ValueError("backend='lm' needs config= (an ExperimentConfig or a YAML path)")
+                raise ValueError("backend='lm' needs config= (a PretrainConfig or an ExperimentConfig)")
             if simulated is not None:
                 raise ValueError("simulated= applies to backend='simulated' only")
             return LMBackend(config, device=device, delta_baseline=baseline)

@@ -18,17 +18,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from agents.config import AgentConfig
-from envs.config import (
-    CheckpointConfig,
-    DataConfig,
-    EnvConfig,
-    EvalConfig,
-    LMConfig,
-    OptimConfig,
-    SamplerConfig,
-    StrictModel,
-    TrainConfig,
-)
+from envs.config import LMConfig, PretrainConfig, StrictModel
 
 
 class ConfigError(ValueError):
@@ -44,21 +34,8 @@ class RayConfig(StrictModel):
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
     agent_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 0.0})
-    agent_async: bool = Field(
-        True,
-        description="true: acting uses the latest policy the agent actor has published, so no LM step waits "
-        "for an agent update (which policy acts then depends on timing); false: each decision waits for the "
-        "update of the step before last, the policy lags by exactly one update and the run repeats exactly.",
-    )
-    agent_acting: Literal["local", "actor"] = Field(
-        "local",
-        description="local: rank 0 acts from a copy of the policy the agent actor publishes (no round trip "
-        "per step; the actor learns and holds the agent's state); actor: every act is a call to the agent "
-        "actor. Mixers that cannot act from a snapshot (the ODM bandits) always use the actor.",
-    )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts (-1 = unlimited).")
     storage_path: str | None = Field(None, description="Ray Train storage; null = the run's output_dir.")
-    report_interval: int = Field(0, ge=0, description="Report to Ray Train every N steps; 0 = at eval/ckpt.")
 
 
 class TrackingConfig(StrictModel):
@@ -68,10 +45,16 @@ class TrackingConfig(StrictModel):
     mlflow_uri: str | None = Field(None, description="null = sqlite:///<output_dir>/mlflow.db")
     experiment_name: str = "acodm"
     run_name: str | None = Field(None, description="null = the experiment config's name.")
-    log_interval: int = Field(10, gt=0, description="Log metrics every N steps (batched, async).")
     tags: dict[str, str] = Field(
         default_factory=dict, description="MLflow run tags; 'method' names the run's method in `acodm report`."
     )
+
+
+class CheckpointConfig(StrictModel):
+    """Exact-resume checkpoints."""
+
+    interval: int = Field(50, gt=0, description="Checkpoint every N optimiser steps.")
+    keep_last: int = Field(2, gt=0)
 
 
 class ProxyConfig(StrictModel):
@@ -106,20 +89,13 @@ class TuneConfig(StrictModel):
     pbt_synch: bool = Field(True, description="PBT: rank and perturb the whole population at once.")
 
 
-class ExperimentConfig(StrictModel):
-    """A whole experiment: data, LM, optimiser, env, agent, Ray, tracking, checkpoints, eval, seed."""
+class ExperimentConfig(PretrainConfig):
+    """A whole experiment: the run the env needs (``envs.config.PretrainConfig``: seed, data, LM,
+    optimiser, sampler, budget, eval, env) plus the agent, Ray, tracking, checkpoints, Tune and proxy."""
 
     name: str = Field("acodm", min_length=1)
     output_dir: str = Field("runs", description="Run directories are <output_dir>/<name>.")
-    seed: int = Field(0, ge=0)
-    data: DataConfig
-    lm: LMConfig = Field(default_factory=LMConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    env: EnvConfig = Field(default_factory=EnvConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -139,14 +115,6 @@ class ExperimentConfig(StrictModel):
                 raise ValueError(f"agent.weights must be finite and >= 0; got {bad}")
             if sum(self.agent.weights.values()) <= 0:
                 raise ValueError("agent.weights must have a positive sum")
-        if self.env.action_floor * k >= 1:
-            raise ValueError(
-                f"env.action_floor={self.env.action_floor} must be < 1/K = {1 / k:.4g} for K={k} domains"
-            )
-        if self.sampler.weight_floor * k >= 1:
-            raise ValueError(
-                f"sampler.weight_floor={self.sampler.weight_floor} must be < 1/K = {1 / k:.4g} for K={k} domains"
-            )
         world = max(1, self.ray.num_workers) if self.ray.enabled else 1
         per_step = world * self.sampler.grad_accum
         if self.sampler.min_per_domain * k > per_step:
@@ -243,9 +211,25 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+# Fields that older versions wrote and that no longer exist; a run directory's saved config may hold
+# them (they never changed what a run trains), so resuming it drops them instead of failing.
+RETIRED_FIELDS = ("ray.agent_async", "ray.agent_acting", "ray.report_interval", "tracking.log_interval")
+
+
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a YAML experiment strictly and apply ``--set`` overrides."""
     data = apply_overrides(load_yaml(path), overrides)
+    return ExperimentConfig.from_dict(data, source=str(path))
+
+
+def load_saved_config(path: str | os.PathLike[str]) -> ExperimentConfig:
+    """A run directory's ``config.yaml``, written by this or an older version (``RETIRED_FIELDS``
+    are dropped); anything else unknown is an error as in ``load_config``."""
+    data = load_yaml(path)
+    for dotted in RETIRED_FIELDS:
+        section, key = dotted.split(".")
+        if isinstance(data.get(section), dict):
+            data[section].pop(key, None)
     return ExperimentConfig.from_dict(data, source=str(path))
 
 

@@ -186,9 +186,9 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: Path | None) -> tuple[Path, P
         raise FileNotFoundError(f"--resume {str(run_dir)!r}: the run directory holds no complete checkpoint")
     saved = run_dir / "config.yaml"
     if saved.exists():
-        from ray_jobs.config import flatten, load_config
+        from ray_jobs.config import flatten, load_saved_config
 
-        old = flatten(load_config(saved))
+        old = flatten(load_saved_config(saved))
         new = flatten(cfg)
         differ = sorted(
             k for k in set(old) | set(new)

@@ -197,7 +197,7 @@ def test_constraint_walk_covers_every_section():
         "env",
         "agent",
     } <= sections
-    assert {"ray", "tracking", "proxy", "tune", "data"} <= sections
+    assert {"ray", "proxy", "tune", "data"} <= sections
 
 
 @pytest.mark.parametrize(

@@ -358,12 +358,14 @@ def test_lm_env_resumes_exactly(lm_corpus):
 
 
 @pytest.mark.slow
-def test_lm_env_from_yaml_path(lm_corpus, tmp_path):
-    from ray_jobs.config import save_config
+def test_lm_env_from_a_yaml_file_loaded_by_the_entry_point(lm_corpus, tmp_path):
+    from ray_jobs.config import load_config, save_config
 
     path = tmp_path / "exp.yaml"
     save_config(lm_experiment(lm_corpus, total_steps=3), path)
-    env = DataMixingEnv(str(path), backend="lm", device="cpu")
+    with pytest.raises(TypeError, match="load_config"):  # the env reads no files: the caller loads YAML
+        DataMixingEnv(str(path), backend="lm", device="cpu")
+    env = DataMixingEnv(load_config(path), backend="lm", device="cpu")
     env.reset(seed=0)
     assert env.step(np.ones(3, dtype=np.float32))[4]["signals"].step == 1
     env.close()
