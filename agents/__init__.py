@@ -4,7 +4,15 @@ Pure torch/numpy: no Ray, no MLflow, no ``envs`` internals (agents see arrays an
 """
 
 from agents.ac_odm import ActorCriticMixer, read_policy
-from agents.base import BaseMixer, Mixer, build_mixer, mixer_kinds, project_to_simplex, register_mixer
+from agents.base import (
+    BaseMixer,
+    Mixer,
+    Transition,
+    build_mixer,
+    mixer_kinds,
+    project_to_simplex,
+    register_mixer,
+)
 from agents.config import AgentConfig, ExplorationConfig
 from agents.greedy import GreedyMixer, MirrorDescentMixer
 from agents.networks import Actor, Critic, polyak_update
@@ -27,6 +35,7 @@ __all__ = [
     "ReplayBuffer",
     "SmoothedMeanMixer",
     "StaticMixer",
+    "Transition",
     "build_mixer",
     "mixer_kinds",
     "polyak_update",

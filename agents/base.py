@@ -4,18 +4,22 @@ Dimension legend: K = domains, S = observation features, B = batch.
 
 A mixer maps the env's observation to the next mixture ``weights_K`` on the probability simplex with
 every weight at least ``floor``; it learns from ``observe`` (one transition per env step) and ``update``.
-Agents see numpy arrays and gymnasium spaces only: they never import ``envs``. ``info`` is the dict
-``DataMixingEnv.step`` returns (``docs/internals.md``); mixers read ``info["reward_parts_K"]`` (the
-critic's K heads) and ``info["loss_K"]`` (raw per-domain train losses, NaN for absent domains).
+Agents see numpy arrays and gymnasium spaces only: they never import ``envs``. What an env step
+tells an agent travels as a typed ``Transition`` (built from ``DataMixingEnv.step``'s return by
+``Transition.from_step``, the one place that reads the env's ``info`` keys).
 
-Typical loop (the in-process driver does this; a Ray actor delegates the same calls)::
+Agents are single-threaded: concurrency (the learner Ray actor and the acting copy on rank 0) belongs
+to ``ray_jobs.agent_actor``. A mixer whose ``policy`` is a network (AC-ODM) is what that layer runs
+as a learner actor plus an acting copy; every other mixer runs in-process.
+
+Typical loop (the in-process driver does this)::
 
     mixer = build_mixer(cfg.agent, env.observation_space, env.action_space, seed=cfg.seed,
                         domain_names=names, natural_weights=natural_K, total_steps=num_decisions,
                         floor=cfg.env.action_floor)
     weights_K = mixer.act(obs, explore=True)
     next_obs, reward, terminated, truncated, info = env.step(weights_K)
-    mixer.observe(obs, weights_K, reward, next_obs, info)
+    mixer.observe(Transition.from_step(obs, weights_K, reward, next_obs, info))
     metrics = mixer.update()
 """
 
@@ -25,6 +29,7 @@ import importlib
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -32,11 +37,74 @@ from gymnasium import spaces
 
 from agents.config import AgentConfig
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Modules whose classes register themselves; imported lazily by ``build_mixer`` (no import cycle).
 _IMPLEMENTATION_MODULES = ("agents.ac_odm", "agents.greedy", "agents.odm", "agents.static")
 _REGISTRY: dict[str, type[BaseMixer]] = {}
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One env step as every agent sees it.
+
+    Attributes:
+        obs: the observation the mixture was chosen from (S,).
+        weights: the mixture the env applied (K,), after its own projection.
+        reward: the env's scalar reward.
+        reward_K: the reward's K per-domain parts (AC-ODM's critic heads).
+        next_obs: the observation after the step (S,).
+        valid: False when the reward is a placeholder (no Gram matrix, a skipped LM step): learners
+            that fit rewards drop the transition.
+        skipped: the LM skipped its optimiser step (non-finite loss or gradient).
+        loss_K: per-domain train loss, NaN for a domain absent from the step (the ODM bandits' signal).
+        gram_KK: the step's raw K x K gradient Gram matrix (mirror descent), None without a probe.
+        reward_gram_KK: the Gram matrix the reward was scored under, diagonal debiased (greedy).
+        microbatches_K: micro-batches per domain in the step (which domains were present).
+        target_mask_K: the domains whose validation loss the run optimises.
+    """
+
+    obs: np.ndarray
+    weights: np.ndarray
+    reward: float
+    reward_K: np.ndarray
+    next_obs: np.ndarray
+    valid: bool = True
+    skipped: bool = False
+    loss_K: np.ndarray | None = None
+    gram_KK: np.ndarray | None = None
+    reward_gram_KK: np.ndarray | None = None
+    microbatches_K: np.ndarray | None = None
+    target_mask_K: np.ndarray | None = None
+
+    @classmethod
+    def from_step(
+        cls, obs: np.ndarray, weights: np.ndarray, reward: float, next_obs: np.ndarray, info: Mapping[str, Any]
+    ) -> Transition:
+        """The transition of ``DataMixingEnv.step``: ``weights`` is the action sent, replaced by the
+        applied ``info["weights_K"]`` when present; the other fields come from the ``info`` keys of
+        the same names (``reward_parts_K`` for ``reward_K``; zeros when absent, ``valid`` then False)."""
+        num_domains = len(np.asarray(weights))
+
+        def vector(key: str) -> np.ndarray | None:
+            value = info.get(key)
+            return None if value is None else np.array(value, dtype=np.float64)
+
+        reward_K = vector("reward_parts_K")
+        return cls(
+            obs=np.array(obs, dtype=np.float32),
+            weights=np.array(info.get("weights_K", weights), dtype=np.float64),
+            reward=float(reward),
+            reward_K=np.zeros(num_domains) if reward_K is None else reward_K,
+            next_obs=np.array(next_obs, dtype=np.float32),
+            valid=reward_K is not None and bool(info.get("reward_valid", True)) and not bool(info.get("skipped", False)),
+            skipped=bool(info.get("skipped", False)),
+            loss_K=vector("loss_K"),
+            gram_KK=vector("gram_KK"),
+            reward_gram_KK=vector("reward_gram_KK"),
+            microbatches_K=None if info.get("microbatches_K") is None else np.array(info["microbatches_K"]),
+            target_mask_K=None if info.get("target_mask_K") is None else np.array(info["target_mask_K"], dtype=bool),
+        )
 
 
 @runtime_checkable
@@ -50,15 +118,8 @@ class Mixer(Protocol):
         """The next mixture ``weights_K``: on the simplex, every weight >= the floor."""
         ...
 
-    def observe(
-        self,
-        obs: np.ndarray,
-        weights: np.ndarray,
-        reward: float,
-        next_obs: np.ndarray,
-        info: Mapping[str, Any],
-    ) -> None:
-        """Record one transition (``info`` as returned by ``DataMixingEnv.step``)."""
+    def observe(self, transition: Transition) -> None:
+        """Record one env step."""
         ...
 
     def update(self) -> dict[str, float]:
@@ -105,16 +166,6 @@ def mixer_learns(kind: str) -> bool:
         ValueError: ``kind`` is not a registered mixer.
     """
     return bool(_mixer_class(kind).learns)
-
-
-def mixer_acts_from_snapshot(kind: str) -> bool:
-    """Whether the mixer registered as ``kind`` can act from a copy of another instance's policy
-    (``BaseMixer.acts_from_snapshot``: the split-acting methods are implemented).
-
-    Raises:
-        ValueError: ``kind`` is not a registered mixer.
-    """
-    return bool(_mixer_class(kind).acts_from_snapshot)
 
 
 def _mixer_class(kind: str) -> type[BaseMixer]:
@@ -218,16 +269,8 @@ class BaseMixer:
     """
 
     kind: str = "base"
-    # False for a mixer that never changes its mixture from what it observes (the static ones): the
-    # Ray path then runs it on rank 0 instead of in an agent actor (no round trip per step to a process
-    # that has nothing to learn).
+    # False for a mixer that never changes its mixture from what it observes (the static ones).
     learns: bool = True
-    # True for a mixer that implements the split-acting methods below: one instance (the learner, in
-    # the agent actor) learns and publishes ``policy_snapshot``; another (the acting copy, on rank 0)
-    # acts from the snapshots it is handed, records decisions with ``observe_acting`` and hands its
-    # ``acting_state`` (exploration RNG and clock) back with each transition. Acting then costs no
-    # round trip per step (``ray_jobs.agent_actor.LocalActingMixer``).
-    acts_from_snapshot: bool = False
 
     def __init__(
         self,
@@ -276,34 +319,16 @@ class BaseMixer:
             None if natural_weights is None else self._check_distribution(natural_weights)
         )
 
-    # -- split acting (only where ``acts_from_snapshot``) --------------------------------------------
-    def policy_snapshot(self, since_version: int = -1) -> dict[str, Any] | None:
-        """The published acting policy as plain arrays, ``{"version": int, ...}`` (a copy); None when
-        its version is not above ``since_version`` (the caller has it already)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot act from a policy snapshot")
+    @property
+    def policy(self) -> Any:
+        """The network ``act`` reads (a ``torch.nn.Module``), or None for a mixer without one.
 
-    def load_policy_snapshot(self, snapshot: Mapping[str, Any]) -> None:
-        """Act from now on from ``snapshot`` (another instance's ``policy_snapshot``)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot act from a policy snapshot")
-
-    def acting_state(self) -> dict[str, Any]:
-        """What ``act`` changes (exploration RNG and clock), for the learner to carry in its state."""
-        raise NotImplementedError(f"{type(self).__name__} cannot act from a policy snapshot")
-
-    def load_acting_state(self, state: Mapping[str, Any]) -> None:
-        """Take over the acting copy's ``acting_state``, so ``state_dict`` holds the whole agent."""
-        raise NotImplementedError(f"{type(self).__name__} cannot act from a policy snapshot")
-
-    def observe_acting(
-        self,
-        obs: np.ndarray,
-        weights: np.ndarray,
-        reward: float,
-        next_obs: np.ndarray,
-        info: Mapping[str, Any],
-    ) -> None:
-        """Record of a transition only what ``act`` depends on (the acting copy's ``observe``)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot act from a policy snapshot")
+        A mixer with a policy network trains it in ``update`` and its ``act`` depends on the rest of its
+        state only through what ``observe`` records. So a copy that observes the same transitions and
+        loads the learner's ``policy.state_dict()`` acts as the learner would: what the Ray layer's
+        learner actor and acting copy rely on.
+        """
+        return None
 
     # -- helpers for subclasses ----------------------------------------------------------------------
     def _check_distribution(self, weights_K: np.ndarray, name: str = "natural_weights") -> np.ndarray:
@@ -326,14 +351,12 @@ class BaseMixer:
             raise ValueError(f"weights must be {self.num_domains} finite values, got {np.asarray(weights)!r}")
         return w_K
 
-    def _check_vector_info(self, info: Mapping[str, Any], key: str) -> np.ndarray:
-        if key not in info:
-            raise KeyError(
-                f"{type(self).__name__} needs info[{key!r}] (a ({self.num_domains},) array from the env)"
-            )
-        v_K = np.asarray(info[key], dtype=np.float64)
+    def _check_vector(self, value: np.ndarray | None, name: str) -> np.ndarray:
+        if value is None:
+            raise ValueError(f"{type(self).__name__} needs transition.{name} (a ({self.num_domains},) array)")
+        v_K = np.asarray(value, dtype=np.float64)
         if v_K.shape != (self.num_domains,):
-            raise ValueError(f"info[{key!r}] must have shape ({self.num_domains},), got {v_K.shape}")
+            raise ValueError(f"transition.{name} must have shape ({self.num_domains},), got {v_K.shape}")
         return v_K
 
     def _finish(self, weights_K: np.ndarray) -> np.ndarray:

@@ -3,9 +3,9 @@
 Dimension legend: K = domains.
 
 Both read the Gram matrix of per-domain mean gradients that the env's reward used
-(``info["reward_gram_KK"]``, its diagonal debiased; ``info["gram_KK"]`` when absent), the micro-batch
-counts (``info["microbatches_K"]``, to know which domains were present) and the target domains
-(``info["target_mask_K"]``; every domain when absent). Like the ODM bandits they learn in ``observe``
+(``Transition.reward_gram_KK``, its diagonal debiased; ``gram_KK`` when absent), the micro-batch
+counts (``microbatches_K``, to know which domains were present) and the target domains
+(``target_mask_K``; every domain when absent). Like the ODM bandits they learn in ``observe``
 and ``update()`` only reports diagnostics.
 
 **Greedy** (``kind: greedy``) is the bar the actor-critic must clear: what does learning over time add
@@ -24,7 +24,7 @@ from the previous solution, and from uniform whenever uniform is already better.
 
 **Mirror descent** (``kind: mirror_descent``) accumulates each domain's alignment with the targets,
 ``a_i = cos(g_i, mean of the other present targets' gradients)`` from the step's raw Gram matrix
-(``info["gram_KK"]``), as ``log w += eta a`` (exponentiated gradient). It is the baseline that shows
+(``Transition.gram_KK``), as ``log w += eta a`` (exponentiated gradient). It is the baseline that shows
 what accumulating a persistent linear signal does: it ends at a vertex.
 """
 
@@ -38,32 +38,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.base import BaseMixer, project_to_simplex, register_mixer
+from agents.base import BaseMixer, Transition, project_to_simplex, register_mixer
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _SOLVER_ITERS = 200
 _RIDGE = 1e-9
 
 
-def alignment_gram(info: Mapping[str, Any], num_domains: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """``(gram_KK, present_K, target_K)`` from an env ``info``; None when the step has no usable Gram
+def alignment_gram(
+    transition: Transition, num_domains: int, *, debiased: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(gram_KK, present_K, target_K)`` of a step: the debiased ``reward_gram_KK`` (or the raw
+    ``gram_KK`` when ``debiased`` is False or it is absent); None when the step has no usable Gram
     matrix (no probe, a skipped step). A step whose reward was invalid only because a noisy debiased
     estimate gave a non-positive norm still counts: leaving it out would bias the average upwards."""
-    gram = info.get("reward_gram_KK", info.get("gram_KK"))
-    if gram is None or bool(info.get("skipped", False)):
+    gram = transition.reward_gram_KK if debiased else None
+    gram = transition.gram_KK if gram is None else gram
+    if gram is None or transition.skipped:
         return None
     gram_KK = np.asarray(gram, dtype=np.float64)
     if gram_KK.shape != (num_domains, num_domains):
-        raise ValueError(f"info['reward_gram_KK'] must have shape ({num_domains}, {num_domains}), got {gram_KK.shape}")
+        raise ValueError(f"the step's Gram matrix must have shape ({num_domains}, {num_domains}), got {gram_KK.shape}")
     if not np.all(np.isfinite(gram_KK)):
         return None
-    counts = info.get("microbatches_K")
+    counts, target = transition.microbatches_K, transition.target_mask_K
     present_K = np.diag(gram_KK) != 0 if counts is None else np.asarray(counts) > 0
-    target = info.get("target_mask_K")
     target_K = np.ones(num_domains, dtype=bool) if target is None else np.asarray(target, dtype=bool)
     if present_K.shape != (num_domains,) or target_K.shape != (num_domains,):
-        raise ValueError(f"info['microbatches_K'] and info['target_mask_K'] must have shape ({num_domains},)")
+        raise ValueError(f"transition.microbatches_K and target_mask_K must have shape ({num_domains},)")
     return gram_KK, present_K, target_K
 
 
@@ -164,16 +167,9 @@ class GreedyMixer(BaseMixer):
         self._check_obs(obs)
         return self._finish(self.weights_K)
 
-    def observe(
-        self,
-        obs: np.ndarray,
-        weights: np.ndarray,
-        reward: float,
-        next_obs: np.ndarray,
-        info: Mapping[str, Any],
-    ) -> None:
+    def observe(self, transition: Transition) -> None:
         """Fold the step's Gram matrix into the moving average and solve for the next mixture."""
-        got = alignment_gram(info, self.num_domains)
+        got = alignment_gram(transition, self.num_domains)
         if got is None:
             return
         gram_KK, present_K, self.target_K = got
@@ -258,17 +254,9 @@ class MirrorDescentMixer(BaseMixer):
         self._check_obs(obs)
         return self._finish(self.weights_K)
 
-    def observe(
-        self,
-        obs: np.ndarray,
-        weights: np.ndarray,
-        reward: float,
-        next_obs: np.ndarray,
-        info: Mapping[str, Any],
-    ) -> None:
-        """``log w_i += eta a_i`` for the present domains (``mirror_alignment``)."""
-        raw = info.get("gram_KK")
-        got = alignment_gram(info if raw is None else {**info, "reward_gram_KK": raw}, self.num_domains)
+    def observe(self, transition: Transition) -> None:
+        """``log w_i += eta a_i`` for the present domains (``mirror_alignment`` of the raw Gram matrix)."""
+        got = alignment_gram(transition, self.num_domains, debiased=False)
         if got is None:
             return
         a_K = mirror_alignment(*got)

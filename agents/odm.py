@@ -3,7 +3,7 @@
 Dimension legend: K = domains.
 
 Both treat each domain as an arm whose reward is its training loss (a domain the model still finds
-hard is worth more data), read from ``info["loss_K"]`` (NaN for a domain absent from the step, which is
+hard is worth more data), read from ``Transition.loss_K`` (NaN for a domain absent from the step, which is
 then not updated, as in ODM's loop). Both mix with the uniform distribution at the decaying rate
 ``eps_t = min(1/K, sqrt(ln K / (K t)))`` (t = 1, 2, ... counts updates), so every weight is at least
 ``eps_t`` before the floor is applied. Note (spec B16): with ``eps_t = 1/K`` the factor ``1 - K eps_t``
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.base import BaseMixer, exploration_epsilon, register_mixer
+from agents.base import BaseMixer, Transition, exploration_epsilon, register_mixer
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class _OdmBandit(BaseMixer):
@@ -49,19 +49,12 @@ class _OdmBandit(BaseMixer):
         self._check_obs(obs)
         return self._finish(self.probabilities_K)
 
-    def observe(
-        self,
-        obs: np.ndarray,
-        weights: np.ndarray,
-        reward: float,
-        next_obs: np.ndarray,
-        info: Mapping[str, Any],
-    ) -> None:
-        """One ODM ``group_update`` with this step's per-domain losses ``info["loss_K"]``."""
-        loss_K = self._check_vector_info(info, "loss_K")
+    def observe(self, transition: Transition) -> None:
+        """One ODM ``group_update`` with this step's per-domain losses ``transition.loss_K``."""
+        loss_K = self._check_vector(transition.loss_K, "loss_K")
         present_K = np.isfinite(loss_K)
         if not present_K.any():
-            logger.warning("%s: no finite per-domain loss in this step; the bandit is not updated", self.kind)
+            log.warning("%s: no finite per-domain loss in this step; the bandit is not updated", self.kind)
             return
         self.num_updates += 1
         self.prev_epsilon, self.epsilon = (

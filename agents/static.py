@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.base import BaseMixer, register_mixer
+from agents.base import BaseMixer, Transition, register_mixer
 
 
 @register_mixer("uniform", "natural", "fixed")
@@ -55,14 +55,7 @@ class StaticMixer(BaseMixer):
         self._check_obs(obs)
         return self.weights_K.copy()
 
-    def observe(
-        self,
-        obs: np.ndarray,
-        weights: np.ndarray,
-        reward: float,
-        next_obs: np.ndarray,
-        info: Mapping[str, Any],
-    ) -> None:
+    def observe(self, transition: Transition) -> None:
         """Nothing to learn."""
 
     def update(self) -> dict[str, float]:

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 from common import append_section, command_line, git_revision, machine_summary, markdown_table, utc_now
 
+from agents.base import Transition
+
 log = logging.getLogger("agent_sim")
 
 FLOOR = 0.02
@@ -97,7 +99,7 @@ def run(world: str, agent: dict[str, Any], reward_mode: str, seed: int, steps: i
     for _ in range(steps):
         action = mixer.act(obs, explore=True)
         next_obs, reward, _, _, info = env.step(action)
-        mixer.observe(obs, action, reward, next_obs, info)
+        mixer.observe(Transition.from_step(obs, action, reward, next_obs, info))
         mixer.update()
         weights.append(info["weights_K"])
         rewards.append(reward)

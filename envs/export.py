@@ -27,7 +27,7 @@ import yaml
 
 from envs.data import PreparedCorpus
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "pretrainer.pt"
@@ -172,5 +172,5 @@ def export_hf(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    logger.info("exported %s (step %s) to %s", ckpt, state.get("step"), out_dir)
+    log.info("exported %s (step %s) to %s", ckpt, state.get("step"), out_dir)
     return out_dir

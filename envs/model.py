@@ -28,7 +28,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from envs.config import LMConfig
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 VOCAB_MULTIPLE = 128
 """Embedding rows are padded to a multiple of this (Pythia pads 50,277 to 50,304)."""
@@ -152,7 +152,7 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPTNeoXForCausalLM(config)
-    logger.info(
+    log.info(
         "built %s: %d layers, width %d, %d heads, vocab %d (padded from %d), %.2fM parameters",
         lm_cfg.preset,
         config.num_hidden_layers,

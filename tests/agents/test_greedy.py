@@ -10,6 +10,7 @@ import torch
 from gymnasium import spaces
 
 from agents import AgentConfig, GreedyMixer, MirrorDescentMixer, build_mixer
+from agents.base import Transition
 from agents.greedy import (
     direction_objective,
     maximise_on_simplex,
@@ -56,7 +57,7 @@ def test_greedy_plays_uniform_until_it_sees_a_gram_matrix_then_the_direction_opt
     mixer = make("greedy", floor=0.02)
     assert isinstance(mixer, GreedyMixer)
     np.testing.assert_allclose(mixer.act(OBS), np.full(K, 0.25))
-    mixer.observe(OBS, mixer.act(OBS), 0.0, OBS, info(geometry()))
+    mixer.observe(Transition.from_step(OBS, mixer.act(OBS), 0.0, OBS, info(geometry())))
     w = mixer.act(OBS)
     np.testing.assert_allclose(w, [0.98 / 3] * 3 + [0.02], atol=1e-4)  # junk at the floor, targets even
     assert mixer.update()["agent/max_weight"] == pytest.approx(w.max(), abs=1e-6)
@@ -64,9 +65,9 @@ def test_greedy_plays_uniform_until_it_sees_a_gram_matrix_then_the_direction_opt
 
 def test_greedy_ignores_skipped_steps_and_pairs_never_seen_together() -> None:
     mixer = make("greedy")
-    mixer.observe(OBS, mixer.act(OBS), 0.0, OBS, info(geometry(), skipped=True))
+    mixer.observe(Transition.from_step(OBS, mixer.act(OBS), 0.0, OBS, info(geometry(), skipped=True)))
     assert mixer.num_updates == 0
-    mixer.observe(OBS, mixer.act(OBS), 0.0, OBS, info(geometry(), present=(1, 1, 0, 1)))
+    mixer.observe(Transition.from_step(OBS, mixer.act(OBS), 0.0, OBS, info(geometry(), present=(1, 1, 0, 1))))
     assert not mixer.seen_KK[2].any() and mixer.seen_KK[0, 1]
     # the unseen target is not a target yet; the seen ones share the weight, junk gets none
     w = mixer.act(OBS)
@@ -76,8 +77,8 @@ def test_greedy_ignores_skipped_steps_and_pairs_never_seen_together() -> None:
 def test_greedy_moving_average_weights_new_steps_by_one_minus_beta() -> None:
     mixer = make("greedy", greedy_smoothing=0.75)
     first, second = geometry(), 2.0 * geometry()
-    mixer.observe(OBS, mixer.act(OBS), 0.0, OBS, info(first))
-    mixer.observe(OBS, mixer.act(OBS), 0.0, OBS, info(second))
+    mixer.observe(Transition.from_step(OBS, mixer.act(OBS), 0.0, OBS, info(first)))
+    mixer.observe(Transition.from_step(OBS, mixer.act(OBS), 0.0, OBS, info(second)))
     np.testing.assert_allclose(mixer.gram_KK, 0.75 * first @ first.T + 0.25 * second @ second.T)
 
 
@@ -121,7 +122,7 @@ def test_mirror_descent_accumulates_a_persistent_signal_towards_a_vertex() -> No
     assert isinstance(mixer, MirrorDescentMixer)
     largest = []
     for _ in range(60):
-        mixer.observe(OBS, mixer.act(OBS), 0.0, OBS, info(rows))
+        mixer.observe(Transition.from_step(OBS, mixer.act(OBS), 0.0, OBS, info(rows)))
         largest.append(mixer.act(OBS).max())
     assert np.all(np.diff(largest) >= -1e-12) and largest[-1] > 0.9
 
@@ -131,7 +132,7 @@ def test_state_dict_round_trip_continues_exactly(kind: str) -> None:
     rng = np.random.default_rng(0)
     mixer = make(kind, floor=0.01)
     for _ in range(5):
-        mixer.observe(OBS, mixer.act(OBS), 0.0, OBS, info(geometry() + 0.1 * rng.normal(size=(K, 5))))
+        mixer.observe(Transition.from_step(OBS, mixer.act(OBS), 0.0, OBS, info(geometry() + 0.1 * rng.normal(size=(K, 5)))))
     blob = io.BytesIO()
     torch.save(mixer.state_dict(), blob)
     blob.seek(0)
@@ -139,8 +140,8 @@ def test_state_dict_round_trip_continues_exactly(kind: str) -> None:
     restored.load_state_dict(torch.load(blob, weights_only=True))
     for _ in range(5):
         step = info(geometry() + 0.1 * rng.normal(size=(K, 5)))
-        mixer.observe(OBS, mixer.act(OBS), 0.0, OBS, step)
-        restored.observe(OBS, restored.act(OBS), 0.0, OBS, step)
+        mixer.observe(Transition.from_step(OBS, mixer.act(OBS), 0.0, OBS, step))
+        restored.observe(Transition.from_step(OBS, restored.act(OBS), 0.0, OBS, step))
         np.testing.assert_array_equal(mixer.act(OBS), restored.act(OBS))
     other = build_mixer(
         AgentConfig(kind=kind),

@@ -24,6 +24,7 @@ import torch
 from gymnasium import spaces
 
 from agents import AgentConfig, ExplorationConfig, build_mixer
+from agents.base import Transition
 from agents.greedy import direction_objective, maximise_on_simplex
 from envs.config import EnvConfig
 from envs.env import DataMixingEnv
@@ -125,7 +126,7 @@ def run_complementary(seed: int, num_steps: int, config: AgentConfig) -> tuple[C
     for _ in range(num_steps):
         weights_K = mixer.act(obs, explore=True)
         next_obs, reward, info = problem.step(weights_K)
-        mixer.observe(obs, weights_K, reward, next_obs, info)
+        mixer.observe(Transition.from_step(obs, weights_K, reward, next_obs, info))
         mixer.update()
         obs = next_obs
     return problem, mixer.act(obs, explore=False).astype(np.float64)
@@ -175,7 +176,7 @@ def run_simulated(seed: int, config: AgentConfig | None, num_steps: int = 200, f
         weights_K = fixed if mixer is None else mixer.act(obs, explore=True)
         next_obs, reward, _, truncated, info = env.step(weights_K)
         if mixer is not None:
-            mixer.observe(obs, weights_K, reward, next_obs, info)
+            mixer.observe(Transition.from_step(obs, weights_K, reward, next_obs, info))
             mixer.update()
         applied.append(info["weights_K"])
         rewards.append(reward)

@@ -9,7 +9,7 @@ import pytest
 from gymnasium import spaces
 
 from agents import AgentConfig, Exp3Mixer, SmoothedMeanMixer, build_mixer
-from agents.base import exploration_epsilon
+from agents.base import Transition, exploration_epsilon
 
 OBS = np.zeros(3, np.float32)
 
@@ -28,7 +28,7 @@ def _bandit(kind: str, k: int = 2, floor: float = 0.0, natural: np.ndarray | Non
 
 
 def _feed(mixer, loss_K) -> np.ndarray:
-    mixer.observe(OBS, mixer.act(OBS), 0.0, OBS, {"loss_K": np.asarray(loss_K, dtype=np.float64)})
+    mixer.observe(Transition.from_step(OBS, mixer.act(OBS), 0.0, OBS, {"loss_K": np.asarray(loss_K, dtype=np.float64)}))
     return mixer.act(OBS)
 
 
@@ -129,6 +129,6 @@ def test_state_dict_round_trip(kind: str) -> None:
         _bandit(kind, k=4).load_state_dict(a.state_dict())
 
 
-def test_missing_loss_in_info_is_a_clear_error() -> None:
-    with pytest.raises(KeyError, match="loss_K"):
-        _bandit("exp3").observe(OBS, np.array([0.5, 0.5]), 0.0, OBS, {})
+def test_missing_loss_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="needs transition.loss_K"):
+        _bandit("exp3").observe(Transition.from_step(OBS, np.array([0.5, 0.5]), 0.0, OBS, {}))

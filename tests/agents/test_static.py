@@ -7,6 +7,7 @@ import pytest
 from gymnasium import spaces
 
 from agents import AgentConfig, StaticMixer, build_mixer
+from agents.base import Transition
 
 NAMES = ["web", "code", "junk"]
 OBS = np.zeros(2, np.float32)
@@ -30,7 +31,7 @@ def _static(kind: str, floor: float = 0.0, natural: np.ndarray | None = None, **
 def test_uniform() -> None:
     mixer = _static("uniform")
     np.testing.assert_allclose(mixer.act(OBS), np.full(3, 1 / 3))
-    mixer.observe(OBS, mixer.act(OBS), 1.0, OBS, {})
+    mixer.observe(Transition.from_step(OBS, mixer.act(OBS), 1.0, OBS, {}))
     assert mixer.update() == {}
     np.testing.assert_allclose(mixer.act(OBS), np.full(3, 1 / 3))
 
