@@ -2,6 +2,6 @@
 
 import sys
 
-from ray_jobs.cli import main
+from ray_jobs.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -177,6 +178,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("acodm: interrupted", file=sys.stderr)
         return 130
+
+
+def console_main() -> int:
+    """The ``acodm`` console script: ``main`` in a process that has the allocator settings.
+
+    glibc reads its malloc settings (``ray_jobs.allocator.ALLOCATOR_ENV``) from the environment when a
+    process starts, so when one is missing the command runs again in place (``os.execv``) with them
+    set; values the user set are kept. Ray's workers get the same settings through the job's runtime
+    environment.
+    """
+    from ray_jobs.allocator import allocator_env
+
+    wanted = allocator_env()
+    if any(os.environ.get(name) != value for name, value in wanted.items()):
+        os.environ.update(wanted)
+        os.execv(sys.executable, [sys.executable, "-m", "ray_jobs", *sys.argv[1:]])
+    return main()
 
 
 if __name__ == "__main__":

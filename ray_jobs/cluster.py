@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ray_jobs.allocator import allocator_env
 from ray_jobs.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -148,18 +149,18 @@ def local_system_config() -> dict[str, Any]:
     return {"worker_niceness": LOCAL_WORKER_NICENESS}
 
 
-def job_runtime_env(address: str | None) -> dict[str, Any] | None:
-    """The ``runtime_env`` a driver needs so that remote workers can import the project.
-
-    None for a local Ray (workers share this machine's files and interpreter) and inside a submitted
-    job (the job's ``--working-dir`` already travels to every worker). For a driver connecting from
-    outside the cluster, the top-level packages go as ``py_modules`` (uploaded by Ray).
+def job_runtime_env(address: str | None) -> dict[str, Any]:
+    """The ``runtime_env`` of this driver's Ray job: the allocator settings for every worker and, for a
+    driver connecting from outside the cluster, the top-level packages as ``py_modules`` (uploaded by
+    Ray). A local Ray's workers share this machine's files and interpreter, and a submitted job's
+    ``--working-dir`` already travels to every worker, so neither ships the packages.
     """
+    runtime_env: dict[str, Any] = {"env_vars": allocator_env()}
     if address is None or address == "local" or in_submitted_job():
-        return None
+        return runtime_env
     root = Path(__file__).resolve().parent.parent
-    modules = [str(root / name) for name in PROJECT_PACKAGES if (root / name).is_dir()]
-    return {"py_modules": modules}
+    runtime_env["py_modules"] = [str(root / name) for name in PROJECT_PACKAGES if (root / name).is_dir()]
+    return runtime_env
 
 
 @contextlib.contextmanager
@@ -189,6 +190,7 @@ def connect(
             include_dashboard=include_dashboard,
             _node_ip_address="127.0.0.1",
             _system_config=local_system_config() or None,
+            runtime_env=job_runtime_env(None),
             configure_logging=False,
         )
     else:

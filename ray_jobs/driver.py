@@ -2,25 +2,15 @@
 
 ``RunLoop`` is one pretraining run seen from one process. In-process (``ray.enabled=false``, the
 debugging path) it is the whole run; inside a Ray Train worker every rank runs it collectively (SPMD):
-rank 0 asks the mixer (local, or the agent Ray actor through ``RemoteMixer``) for the weights and
-broadcasts them, all ranks step the env together, rank 0 observes, records and checkpoints.
-
-Checkpoints (layout in ``docs/internals.md``) are written to ``step_<N>.tmp`` and renamed, and hold
-everything needed to continue bit-identically on CPU: the pretrainer (model, optimizer, schedule,
-sampler, RNG), the env and probe state, the agent's full state, the ledger position and the last
-observation. A resumed run truncates the ledger to the checkpoint, so every step appears exactly once.
+rank 0 asks the mixer (in-process, or ``ray_jobs.agent_actor.ActingMixer`` for AC-ODM) for the weights
+and broadcasts them, all ranks step the env together, rank 0 observes, records and checkpoints
+(``ray_jobs.checkpoints``). Also here: the builders both paths share and ``run_local``.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import json
 import logging
 import math
-import os
-import platform
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -31,180 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ray_jobs.config import ExperimentConfig, save_config
+from agents.base import Transition
+from ray_jobs.checkpoints import (
+    CKPT_DIR,
+    join_env_state,
+    load_checkpoint,
+    prepare_run_dir,
+    split_env_state,
+    write_checkpoint,
+)
+from ray_jobs.config import ExperimentConfig
 from ray_jobs.ledger import LEDGER_FILE, Ledger, signals_row
 
 log = logging.getLogger(__name__)
 
-# glibc malloc parameters for a training process (mallopt parameter numbers from <malloc.h>). The
-# mmap threshold is the largest glibc accepts on 64-bit (HEAP_MAX_SIZE / 2); the top pad is one
-# thread-arena heap, so that a heap the training thread empties at the end of a step stays mapped.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-MALLOC_SETTINGS = {
-    _M_MMAP_THRESHOLD: 32 * 1024 * 1024,
-    _M_TRIM_THRESHOLD: 1024 * 1024 * 1024,
-    _M_TOP_PAD: 64 * 1024 * 1024,
-}
-
-CKPT_DIR = "checkpoints"
-CKPT_VERSION = 1
 PACKAGE_LOGGERS = ("envs", "agents", "ray_jobs", "analysis")
-RESUME_MAY_DIFFER = ("ray.", "tracking.", "tune.", "proxy.", "checkpoint.keep_last", "train.log_interval")
-
-
-# --------------------------------------------------------------------------------------------- checkpoints
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first."""
-    return _step_dirs(Path(run_dir) / CKPT_DIR)
-
-
-def _step_dirs(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit() and (p / "loop.json").exists():
-            found.append(p)
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint directory (by step), or None."""
-    dirs = checkpoint_dirs(run_dir)
-    return dirs[-1] if dirs else None
-
-
-def load_latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """The newest checkpoint of a run that loads completely, skipping (and logging) partial ones.
-
-    A checkpoint can be caught half-copied, e.g. when a worker dies while Ray Train persists it.
-    """
-    for path in reversed(checkpoint_dirs(run_dir)):
-        try:
-            return load_checkpoint(path)
-        except (FileNotFoundError, ValueError) as exc:
-            log.warning("skipping checkpoint %s: %s", path, exc)
-    return None
-
-
-def write_checkpoint(
-    root: Path,
-    step: int,
-    *,
-    pretrainer_state: dict[str, Any],
-    env_state: dict[str, Any],
-    agent_state: dict[str, Any] | None,
-    loop_state: dict[str, Any],
-    keep_last: int,
-    ledger: Ledger | None = None,
-) -> Path:
-    """Write ``<root>/step_<N>`` atomically and keep the newest ``keep_last`` (0 = no pruning).
-
-    A copy of the ledger up to this step goes into the checkpoint, so a restart on another node (Ray
-    Train restores from storage) recovers the ledger with the rest of the state.
-    """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f"step_{step:08d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    torch.save(pretrainer_state, tmp / "pretrainer.pt")
-    torch.save(env_state, tmp / "env.pt")
-    if agent_state is not None:
-        torch.save(agent_state, tmp / "agent.pt")
-    if ledger is not None:
-        Ledger(tmp / LEDGER_FILE, ledger.rows).flush()
-    files = sorted(p.name for p in tmp.iterdir())
-    (tmp / "loop.json").write_text(json.dumps({**loop_state, "version": CKPT_VERSION, "files": files}))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    if keep_last > 0:
-        for old in _step_dirs(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint directory into ``{"pretrainer", "env", "agent", "loop"}`` with clear errors."""
-    path = Path(path)
-    loop_file = path / "loop.json"
-    if not loop_file.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete or missing (no loop.json)")
-    try:
-        loop = json.loads(loop_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"checkpoint {str(loop_file)!r} is corrupt: {exc}") from None
-    missing = [f for f in loop.get("files", []) if not (path / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete: missing {missing}")
-    out: dict[str, Any] = {"loop": loop, "agent": None, "ledger_rows": None}
-    if (path / LEDGER_FILE).exists():
-        out["ledger_rows"] = Ledger.load(path / LEDGER_FILE).rows
-    for key in ("pretrainer", "env", "agent"):
-        f = path / f"{key}.pt"
-        if not f.exists():
-            if key == "agent":
-                continue
-            raise FileNotFoundError(f"checkpoint {str(path)!r} lacks {f.name}")
-        try:
-            out[key] = torch.load(f, map_location="cpu", weights_only=False)
-        except Exception as exc:  # torch raises several types for truncated/corrupt files
-            raise ValueError(f"checkpoint file {str(f)!r} is corrupt or unreadable: {exc}") from None
-    return out
-
-
-def _split_env_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Move the pretrainer's state out of the env state (it goes to ``pretrainer.pt``, read by export)."""
-    backend = dict(state.get("backend") or {})
-    pretrainer = backend.pop("pretrainer", None) or {}
-    return {**state, "backend": backend}, pretrainer
-
-
-def _join_env_state(env_state: dict[str, Any], pretrainer: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of ``_split_env_state``."""
-    if not pretrainer:
-        return env_state
-    return {**env_state, "backend": {**env_state.get("backend", {}), "pretrainer": pretrainer}}
-
-
-# --------------------------------------------------------------------------------------------- run directory
-def prepare_run_dir(cfg: ExperimentConfig, resume: Path | None) -> tuple[Path, Path | None]:
-    """Create or validate the run directory; returns it and the checkpoint to resume from (or None).
-
-    A run directory that already holds a checkpoint is resumed automatically. Its saved config must
-    match ``cfg`` except for execution settings (``ray.*``, ``tracking.*``, ...), so a resumed run
-    cannot silently change what it trains.
-    """
-    run_dir = Path(resume) if resume is not None else cfg.run_dir
-    if resume is not None and not run_dir.is_dir():
-        raise FileNotFoundError(f"--resume {str(run_dir)!r}: no such run directory")
-    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
-    if resume is not None and ckpt is None:
-        raise FileNotFoundError(f"--resume {str(run_dir)!r}: the run directory holds no complete checkpoint")
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        from ray_jobs.config import flatten, load_saved_config
-
-        old = flatten(load_saved_config(saved))
-        new = flatten(cfg)
-        differ = sorted(
-            k for k in set(old) | set(new)
-            if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_DIFFER) and k not in ("name", "output_dir")
-        )
-        if differ:
-            raise ValueError(
-                f"run directory {str(run_dir)!r} was started with a different config; differing fields: "
-                f"{differ}. Use a new name (--set name=...) or the same config."
-            )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    except OSError as exc:
-        raise PermissionError(f"cannot write the run directory {str(run_dir)!r}: {exc}") from None
-    return run_dir, ckpt
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -265,7 +96,7 @@ class RunLoop:
         """Continue from a loaded checkpoint (all ranks call this with the same data)."""
         loop = ckpt["loop"]
         self.env.reset(seed=self.cfg.seed)
-        self.env.unwrapped.load_state_dict(_join_env_state(ckpt["env"], ckpt["pretrainer"]))
+        self.env.unwrapped.load_state_dict(join_env_state(ckpt["env"], ckpt["pretrainer"]))
         if self.rank == 0:
             if ckpt["agent"] is not None:
                 self.mixer.load_state_dict(ckpt["agent"])
@@ -286,7 +117,7 @@ class RunLoop:
             return None
         self.ledger.flush()
         agent_state = self.mixer.state_dict() if self.mixer is not None else None
-        env_state, pretrainer_state = _split_env_state(self.env.unwrapped.state_dict())
+        env_state, pretrainer_state = split_env_state(self.env.unwrapped.state_dict())
         path = write_checkpoint(
             self.hooks.checkpoint_root or self.run_dir / CKPT_DIR,
             self.step,
@@ -360,7 +191,7 @@ class RunLoop:
             agent_metrics: dict[str, float] = {}
             t1 = time.perf_counter()
             if self.rank == 0:
-                self.mixer.observe(self.obs, weights_K, float(reward), next_obs, info)
+                self.mixer.observe(Transition.from_step(self.obs, weights_K, float(reward), next_obs, info))
                 agent_metrics = dict(self.mixer.update() or {})
             t_agent = t_act + time.perf_counter() - t1
             self.obs = next_obs
@@ -511,36 +342,6 @@ def remove_file_log(handler: logging.Handler) -> None:
     handler.close()
 
 
-def configure_malloc() -> bool:
-    """Keep the LM's per-step tensors in malloc's heap instead of taking fresh pages from the kernel.
-
-    glibc serves blocks above its mmap threshold with new mmap'd pages, and gives freed heap tops and
-    emptied thread-arena heaps back to the kernel; the threshold moves with the allocation history (it
-    rises to the size of each mmap'd block freed). So every step's activations and gradients fault in
-    new zeroed pages, and how many depends on the process's history: 2k-24k minor faults per step of
-    the tiny LM, 5-50 ms of kernel time in a ~300 ms step, different in every process. That was the
-    whole per-step difference between a Ray Train worker and the in-process loop (their user CPU time
-    per step agreed within 1%; benchmarks/probe_ray_slowdown/). Fixed thresholds, which also turn the
-    adjustment off, leave under 100 faults per step; the cost is that freed memory stays in the process
-    (its resident size stays at the step's peak, which the next step needs again anyway).
-
-    Returns:
-        True if the settings were applied (glibc); False elsewhere (musl, macOS), where nothing changes.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    applied = all(mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.items())
-    if not applied:
-        log.warning("glibc mallopt refused %s; per-step page faults stay as they were", MALLOC_SETTINGS)
-    return applied
-
-
 def run_local(
     cfg: ExperimentConfig,
     resume: Path | None = None,
@@ -551,7 +352,6 @@ def run_local(
     """Run a whole experiment in this process, without Ray (the debugging path)."""
     run_dir, ckpt_path = prepare_run_dir(cfg, resume)
     handler = add_file_log(run_dir)
-    configure_malloc()  # as a Ray Train worker does: the two paths step at the same speed
     warn_about_reward_coverage(cfg)
     env = None
     sink = None

@@ -3,9 +3,10 @@
 The driver validates everything that can fail fast (storage, cluster address, resources, MLflow), then
 builds a ``TorchTrainer``. Each worker turns the config dict Ray hands it back into the typed
 ``ExperimentConfig`` on its first line and runs the same ``RunLoop`` as the in-process path, over an
-LM-backed ``DataMixingEnv`` in DDP (gloo on CPU, NCCL on GPU). Rank 0 owns the agent actor (so the actor
-shares the worker group's fate and is rebuilt with it from the checkpoint on a restart), asks it for the
-weights, broadcasts them, and sends it the transitions without waiting for its updates.
+LM-backed ``DataMixingEnv`` in DDP (gloo on CPU, NCCL on GPU). Rank 0 owns the agent (for AC-ODM a
+learner actor and an acting copy, ``ray_jobs.agent_actor``, so the learner shares the worker group's
+fate and is rebuilt with it from the checkpoint on a restart), acts, broadcasts the weights, and sends
+the learner the transitions without waiting for its updates.
 
 Checkpoints go to Ray Train storage as ``<run_dir>/checkpoints/step_<N>`` (the layout of
 ``docs/internals.md``), reported only at evaluation and checkpoint steps: one ``ray.train.report`` costs
@@ -25,6 +26,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ray_jobs.checkpoints import load_checkpoint, load_latest_checkpoint, prepare_run_dir
 from ray_jobs.config import ExperimentConfig, absolute_paths
 from ray_jobs.driver import (
     LoopHooks,
@@ -32,12 +34,8 @@ from ray_jobs.driver import (
     add_file_log,
     build_env,
     build_local_mixer,
-    configure_malloc,
     finish_run,
-    load_checkpoint,
-    load_latest_checkpoint,
     mixer_kwargs,
-    prepare_run_dir,
     remove_file_log,
     resolve_policy,
     warn_about_reward_coverage,
@@ -48,84 +46,9 @@ log = logging.getLogger(__name__)
 # Ray Train V2 settings for a run on a local Ray (no ray.address / RAY_ADDRESS: started by ``connect``
 # or by the caller on this machine). The preemption watcher is an actor that polls Ray for the draining
 # of nodes (spot instances); a local Ray is this one machine and is never drained, so the watcher is
-# only one more process waking up ~150 times a second next to the training worker, and the source of
-# an ERROR line in every run's log (benchmarks/probe_ray_slowdown/).
+# only one more process waking up many times a second next to the training worker, and the source of
+# an ERROR line in every run's log (benchmarks/RESULTS.md, "Overhead").
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-
-
-class RecoveringMixer:
-    """A ``RemoteMixer`` or ``LocalActingMixer`` that survives the agent actor's death.
-
-    It remembers the agent state of the last checkpoint (every checkpoint calls ``state_dict``); when
-    a call finds the actor dead it recreates it from that state, logs the event and retries once.
-    """
-
-    def __init__(self, remote: Any, initial_state: dict[str, Any] | None = None) -> None:
-        """Wrap ``remote`` (a ``RemoteMixer``); ``initial_state`` is used if it dies before a checkpoint."""
-        self.remote = remote
-        self.last_state = initial_state
-        self.restarts = 0
-
-    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        from ray_jobs.agent_actor import AgentActorDiedError
-
-        try:
-            return getattr(self.remote, name)(*args, **kwargs)
-        except AgentActorDiedError as exc:
-            self.restarts += 1
-            log.warning("agent actor died (%s); recreating it from the last checkpoint's agent state", exc)
-            self.remote.restart(self.last_state)
-            return getattr(self.remote, name)(*args, **kwargs)
-
-    def act(self, obs: Any, *, explore: bool = True) -> Any:
-        """Next mixture from the latest policy."""
-        return self._call("act", obs, explore=explore)
-
-    def observe(self, obs: Any, weights: Any, reward: Any, next_obs: Any, info: Any = None) -> None:
-        """Queue a transition (the actor updates asynchronously)."""
-        self._call("observe", obs, weights, reward, next_obs, _slim_info(info))
-
-    def update(self) -> dict[str, float]:
-        """Metrics of the updates that finished since the last call."""
-        out = dict(self._call("update") or {})
-        if self.restarts:
-            out["agent/restarts"] = float(self.restarts)
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        """The agent's full state, remembered for recovery."""
-        self.last_state = self._call("state_dict")
-        return self.last_state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the actor's mixer (and remember the state for recovery)."""
-        self.last_state = state
-        self._call("load_state_dict", state)
-
-    def save_policy(self, path: Path) -> None:
-        """Write the policy file from the actor's current state (AC-ODM only)."""
-        from agents import build_mixer
-
-        spec = self.remote.spec
-        local = build_mixer(spec.agent_cfg, spec.observation_space, spec.action_space, **dict(spec.mixer_kwargs))
-        local.load_state_dict(self.state_dict())
-        local.save_policy(path)
-
-    def close(self) -> None:
-        """Stop the actor."""
-        self.remote.close()
-
-
-def _slim_info(info: Any) -> Any:
-    """Only what mixers read crosses to the actor (not the signals record; the K x K Gram matrices feed
-    the greedy and mirror-descent mixers and AC-ODM's greedy teacher)."""
-    if not isinstance(info, dict):
-        return info
-    keep = (
-        "loss_K", "reward_parts_K", "scores_K", "weights_K", "reward_valid", "skipped",
-        "gram_KK", "reward_gram_KK", "microbatches_K", "target_mask_K",
-    )
-    return {k: info[k] for k in keep if k in info}
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -153,7 +76,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the typed config first, then the shared run loop."""
     cfg = ExperimentConfig.from_dict(config["experiment"], source="train_loop_config")
     _quiet_report_echo()
-    malloc_fixed = configure_malloc()  # before the model and optimizer allocate
     import ray
     import ray.train
     import torch
@@ -170,9 +92,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # niceness 15 unless told otherwise (cluster.local_system_config), sets OMP_NUM_THREADS from the
     # worker's CPUs, and runs this function in a thread of its own (a separate malloc arena).
     log.info(
-        "rank %d: pid %d, niceness %d, torch threads %d (inter-op %d), OMP_NUM_THREADS=%s, fixed malloc "
-        "thresholds %s", rank, os.getpid(), os.nice(0), torch.get_num_threads(),
-        torch.get_num_interop_threads(), os.environ.get("OMP_NUM_THREADS", "unset"), malloc_fixed,
+        "rank %d: pid %d, niceness %d, torch threads %d (inter-op %d), OMP_NUM_THREADS=%s, malloc mmap "
+        "threshold %s", rank, os.getpid(), os.nice(0), torch.get_num_threads(),
+        torch.get_num_interop_threads(), os.environ.get("OMP_NUM_THREADS", "unset"),
+        os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc's default"),
     )
     env = build_env(cfg)
     mixer: Any = None
@@ -227,33 +150,23 @@ def _restart_state(run_dir: Path, rank: int) -> dict[str, Any] | None:
 
 
 def _make_mixer(cfg: ExperimentConfig, env: Any, run_dir: Path) -> Any:
-    """The agent as a Ray actor when Ray is up (a cluster run), in-process otherwise (local mode).
-
-    A static mixture (``uniform``, ``natural``, ``fixed``: nothing to learn) always runs in-process on
-    rank 0: an actor would only add a round trip per step (benchmarks/overhead.py, part 4). AC-ODM acts
-    on rank 0 from the policy its actor publishes (``ray.agent_acting: local``, ``LocalActingMixer``);
-    the ODM bandits, or ``ray.agent_acting: actor``, ask the actor at every step (``RemoteMixer``).
-    """
-    import ray
-
-    from agents.base import mixer_acts_from_snapshot, mixer_learns
-
-    if not ray.is_initialized() or not mixer_learns(cfg.agent.kind):
-        return build_local_mixer(cfg, env, run_dir)
-    from ray_jobs.agent_actor import AgentActorSpec, LocalActingMixer, RemoteMixer
+    """Rank 0's mixer: a learner actor plus an acting copy for a mixer with a policy network that
+    learns (AC-ODM online, ``ray_jobs.agent_actor``); in-process for every other (bandits, greedy,
+    static, a frozen policy), whose update is cheap or absent."""
+    mixer = build_local_mixer(cfg, env, run_dir)
+    if mixer.policy is None or cfg.agent.mode == "frozen":
+        return mixer
+    from ray_jobs.agent_actor import ActingMixer, LearnerSpec
 
     kwargs = mixer_kwargs(cfg, env)
-    spec = AgentActorSpec(
+    spec = LearnerSpec(
         agent_cfg=resolve_policy(cfg, run_dir),
         observation_space=kwargs.pop("observation_space"),
         action_space=kwargs.pop("action_space"),
         mixer_kwargs=kwargs,
         resources=dict(cfg.ray.agent_resources),
-        overlap_act=cfg.ray.agent_async,
     )
-    if cfg.ray.agent_acting == "local" and mixer_acts_from_snapshot(cfg.agent.kind):
-        return RecoveringMixer(LocalActingMixer(spec, asynchronous=cfg.ray.agent_async))
-    return RecoveringMixer(RemoteMixer(spec))
+    return ActingMixer(spec)
 
 
 def _reporter(cfg: ExperimentConfig) -> Any:

@@ -151,7 +151,7 @@ def place_checkpoint(local: Path, run_dir: Path, trial_id: str, params: Mapping[
     in the run's storage). Whatever Ray Train kept there is superseded: after a PBT clone it is another
     model's past, after a pause or ``--resume`` it is at most what Tune has.
     """
-    from ray_jobs.driver import CKPT_DIR
+    from ray_jobs.checkpoints import CKPT_DIR
 
     if not (local / "loop.json").exists():
         return None

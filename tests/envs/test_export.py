@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from envs.data import PreparedCorpus
 from envs.export import export_hf
 from envs.pretrainer import Pretrainer
+from ray_jobs.checkpoints import write_checkpoint
 from ray_jobs.config import ExperimentConfig, save_config
-from ray_jobs.driver import write_checkpoint
 from tests.envs.lm_fixtures import make_real_text_corpus, make_synthetic_corpus, tiny_configs
 
 

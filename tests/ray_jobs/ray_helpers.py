@@ -1,9 +1,7 @@
-"""Test helpers for ``tests/ray_jobs``: a small deterministic mixer, and private Ray / MLflow servers.
+"""Test helpers for ``tests/ray_jobs``: a slow agent, and private Ray / MLflow servers.
 
-``LinearTestMixer`` satisfies the ``Mixer`` protocol with numpy only: its ``act`` draws exploration
-noise from its own seeded generator, ``observe`` changes what the next ``act`` returns, and ``update``
-changes the policy and draws from the generator too, so any reordering of act/observe/update shows up
-as different weights. This module is pickled by value, so Ray workers need not import it.
+``make_slow_ac_odm`` builds an AC-ODM mixer whose gradient steps sleep (an agent far slower than
+the LM). This module is pickled by value, so Ray workers need not import it.
 
 ``LocalRayHead`` and ``MlflowServer`` start servers in a **new process session** and stop them by
 that session: SIGTERM to the session leader (``ray start --block`` then tears its own cluster down),
@@ -35,97 +33,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 VENV_BIN = Path(sys.executable).parent
 
 
-class LinearTestMixer:
-    """A seeded linear-softmax policy over K domains, updated from the last observed transition.
-
-    Args:
-        agent_cfg: ignored (any object); kept for the ``build_mixer`` signature.
-        update_sleep_s: extra seconds each ``update`` sleeps (an artificially slow agent).
-        fail_at_update: raise ``RuntimeError`` in this update (1-based), to test error surfacing.
-    """
-
-    kind = "linear_test"
-
-    def __init__(
-        self,
-        agent_cfg: Any,
-        observation_space: Any,
-        action_space: Any,
-        *,
-        seed: int,
-        domain_names: list[str],
-        update_sleep_s: float = 0.0,
-        fail_at_update: int | None = None,
-    ) -> None:
-        self.num_domains = int(action_space.shape[0])
-        self.obs_dim = int(observation_space.shape[0])
-        self.domain_names = list(domain_names)
-        self.update_sleep_s = update_sleep_s
-        self.fail_at_update = fail_at_update
-        self.rng = np.random.default_rng(seed)
-        self.weight_KS = self.rng.normal(scale=0.1, size=(self.num_domains, self.obs_dim))
-        self.bias_K = np.zeros(self.num_domains)
-        self.transitions: list[tuple[np.ndarray, np.ndarray, float, np.ndarray]] = []
-        self.num_updates = 0
-
-    def act(self, obs: np.ndarray, *, explore: bool = True) -> np.ndarray:
-        logits_K = self.weight_KS @ np.asarray(obs, dtype=np.float64) + self.bias_K
-        if explore:
-            logits_K = logits_K + self.rng.normal(scale=0.3, size=self.num_domains)
-        exp_K = np.exp(logits_K - logits_K.max())
-        return exp_K / exp_K.sum()
-
-    def observe(
-        self,
-        obs: np.ndarray,
-        weights: np.ndarray,
-        reward: float,
-        next_obs: np.ndarray,
-        info: Mapping[str, Any],
-    ) -> None:
-        self.transitions.append((np.array(obs), np.array(weights), float(reward), np.array(next_obs)))
-        self.bias_K = self.bias_K + 0.01 * float(reward)  # observe alone moves the next act
-
-    def update(self) -> dict[str, float]:
-        if self.update_sleep_s:
-            time.sleep(self.update_sleep_s)
-        self.num_updates += 1
-        if self.fail_at_update == self.num_updates:
-            raise RuntimeError(f"update {self.num_updates} failed on purpose")
-        if not self.transitions:
-            return {}
-        index = int(self.rng.integers(len(self.transitions)))
-        obs, weights, reward, _ = self.transitions[index]
-        step_KS = np.outer(weights - weights.mean(), obs)
-        self.weight_KS = self.weight_KS + 0.1 * reward * step_KS
-        return {"agent/test_loss": float(np.abs(step_KS).sum()), "agent/num_updates": float(self.num_updates)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "rng": self.rng.bit_generator.state,
-            "weight_KS": self.weight_KS.copy(),
-            "bias_K": self.bias_K.copy(),
-            "transitions": list(self.transitions),
-            "num_updates": self.num_updates,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if np.shape(state["weight_KS"]) != (self.num_domains, self.obs_dim):
-            raise ValueError(f"state is for shape {np.shape(state['weight_KS'])}")
-        self.rng.bit_generator.state = state["rng"]
-        self.weight_KS = np.array(state["weight_KS"])
-        self.bias_K = np.array(state["bias_K"])
-        self.transitions = list(state["transitions"])
-        self.num_updates = int(state["num_updates"])
-
-
-def make_linear_mixer(
-    agent_cfg: Any, observation_space: Any, action_space: Any, **kwargs: Any
-) -> LinearTestMixer:
-    """A ``mixer_factory`` for ``AgentActor`` (same signature as ``agents.build_mixer``)."""
-    return LinearTestMixer(agent_cfg, observation_space, action_space, **kwargs)
-
-
 def make_slow_ac_odm(
     agent_cfg: Any, observation_space: Any, action_space: Any, *, step_sleep_s: float, **kwargs: Any
 ) -> Any:
@@ -134,14 +41,14 @@ def make_slow_ac_odm(
     from agents.base import build_mixer
 
     mixer = build_mixer(agent_cfg, observation_space, action_space, **kwargs)
-    real_step = mixer._train_step
+    real_step = mixer._gradient_step
 
     def slow_step() -> dict[str, float]:
         metrics = real_step()
         time.sleep(step_sleep_s)
         return metrics
 
-    mixer._train_step = slow_step
+    mixer._gradient_step = slow_step
     return mixer
 
 

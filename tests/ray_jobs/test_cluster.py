@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ray_jobs import cluster
+from ray_jobs.allocator import ALLOCATOR_ENV
 from ray_jobs.cluster import (
     InsufficientResourcesError,
     check_reachable,
@@ -117,13 +118,16 @@ def test_connect_local_keeps_an_explicit_worker_niceness(tmp_path: Path, monkeyp
 
 def test_job_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    assert job_runtime_env(None) is None
+    monkeypatch.delenv("MALLOC_TOP_PAD_", raising=False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")  # the user's own setting wins
+    expected_env = {**ALLOCATOR_ENV, "MALLOC_MMAP_THRESHOLD_": "4096"}
+    assert job_runtime_env(None) == {"env_vars": expected_env}  # a local Ray: workers share our files
     env = job_runtime_env("head:6379")
-    assert env is not None
+    assert env["env_vars"] == expected_env
     assert sorted(Path(p).name for p in env["py_modules"]) == ["agents", "analysis", "envs", "ray_jobs"]
     assert all(Path(p).is_absolute() and Path(p).is_dir() for p in env["py_modules"])
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # inside `ray job submit`
-    assert job_runtime_env("head:6379") is None
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # inside `ray job submit`: the working dir travels
+    assert job_runtime_env("head:6379") == {"env_vars": expected_env}
 
 
 def test_too_many_workers_names_the_shortfall() -> None:

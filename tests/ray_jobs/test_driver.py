@@ -14,8 +14,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from ray_jobs.allocator import ALLOCATOR_ENV
+from ray_jobs.checkpoints import checkpoint_dirs, latest_checkpoint, load_checkpoint
 from ray_jobs.config import ExperimentConfig, load_config
-from ray_jobs.driver import checkpoint_dirs, latest_checkpoint, load_checkpoint, run_local
+from ray_jobs.driver import run_local
 from tests.envs.lm_fixtures import make_synthetic_corpus
 
 DOMAINS = ("alpha", "beta", "gamma")
@@ -194,29 +196,45 @@ def test_domains_differing_from_the_manifest_fail_before_training(prepared: Path
     assert not (tmp_path / "t" / "ledger.parquet").exists()
 
 
-def test_configure_malloc_applies_on_glibc_and_stops_per_step_page_faults() -> None:
-    # In a child process (the settings are process-wide): a thread (Ray Train runs the loop in one)
-    # allocates and frees step-like tensors of 2-14 MiB, 20 times. glibc's default, self-adjusting
-    # thresholds hand most of them fresh pages each time: ~43k minor faults measured on the dev VM;
-    # with the fixed thresholds the heap is reused: ~5.7k (mostly the first round).
+def test_allocator_env_stops_per_step_page_faults() -> None:
+    # In child processes (glibc reads the settings at start): a thread (Ray Train runs the loop in one)
+    # allocates and frees step-like arrays of 2-14 MiB, 20 times. glibc's default, self-adjusting
+    # thresholds hand most of them fresh pages each time; with ALLOCATOR_ENV the heap is reused.
     code = """
-import platform, resource, threading
+import resource, threading
 import numpy as np
-from ray_jobs.driver import configure_malloc
-applied = configure_malloc()
-assert applied == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"), applied
 def steps():
     for i in range(20):
-        tensors = [np.ones((1 + (i + j) % 7) * 256 * 1024) for j in range(6)]
-        del tensors
+        arrays = [np.ones((1 + (i + j) % 7) * 256 * 1024) for j in range(6)]
+        del arrays
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 worker = threading.Thread(target=steps)
 worker.start()
 worker.join()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    applied, faults = out.stdout.split()
-    if applied == "True":
-        assert int(faults) < 15_000, faults
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    faults = {}
+    for name, env in (("default", base), ("fixed", {**base, **ALLOCATOR_ENV})):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr
+        faults[name] = int(out.stdout)
+    assert faults["fixed"] < faults["default"] / 2, faults
+
+
+def test_console_script_runs_again_with_the_allocator_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray_jobs import cli
+
+    calls = []
+    monkeypatch.setattr(cli.os, "execv", lambda exe, argv: calls.append((exe, argv)))
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    monkeypatch.setattr(sys, "argv", ["acodm", "train", "x.yaml"])
+    for name in ALLOCATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "123")  # a user's value is kept
+    cli.console_main()
+    assert calls == [(sys.executable, [sys.executable, "-m", "ray_jobs", "train", "x.yaml"])]
+    assert os.environ["MALLOC_TOP_PAD_"] == "123"
+    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == ALLOCATOR_ENV["MALLOC_MMAP_THRESHOLD_"]
+    calls.clear()
+    assert cli.console_main() == 0 and calls == []  # the environment is complete: no second exec

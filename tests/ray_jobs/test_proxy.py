@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
+from ray_jobs.checkpoints import latest_checkpoint
 from ray_jobs.config import ExperimentConfig
-from ray_jobs.driver import latest_checkpoint
 from ray_jobs.proxy import proxy_and_target, run_proxy
 from tests.envs.lm_fixtures import make_synthetic_corpus
 from tests.ray_jobs.test_driver import DOMAINS, experiment

@@ -149,7 +149,7 @@ def _run_and_kill(tmp_path: Path, prepared: Path, title: str, over: dict) -> tup
     run_dir = tmp_path / "t"
     killed = None
     deadline = time.monotonic() + 600
-    from ray_jobs.driver import load_latest_checkpoint
+    from ray_jobs.checkpoints import load_latest_checkpoint
 
     while time.monotonic() < deadline and proc.poll() is None:
         # kill once a checkpoint is completely persisted (killing mid-copy would leave none to resume)
@@ -175,13 +175,13 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(prepared: Path, tmp_p
     assert log_text.count("built tiny") == 2, "the worker group restarted once, from the checkpoint"
 
 
-def test_killed_agent_actor_is_recreated_from_the_checkpoint(prepared: Path, tmp_path: Path) -> None:
+def test_killed_agent_learner_is_recreated_from_the_checkpoint(prepared: Path, tmp_path: Path) -> None:
     over = {**AC_ODM, "train.total_steps": 16, "tracking.enabled": False}
-    done, run_dir = _run_and_kill(tmp_path, prepared, "ray::AgentActor", over)
+    done, run_dir = _run_and_kill(tmp_path, prepared, "ray::Learner", over)
     assert done.returncode == 0, done.stdout[-4000:]
     ledger = pd.read_parquet(run_dir / "ledger.parquet")
     assert list(ledger["step"]) == list(range(1, 17))
-    assert "recreating it from the last checkpoint" in (run_dir / "run.log").read_text()
+    assert "starting a new one from the last checkpoint" in (run_dir / "run.log").read_text()
     assert ledger["agent/restarts"].max() == 1
 
 

@@ -1,0 +1,184 @@
+"""Checkpoints and the run directory: where a run's state is written, and how a run continues.
+
+A checkpoint is ``<run_dir>/checkpoints/step_<N>/`` (layout in ``docs/internals.md``), written to
+``step_<N>.tmp`` and renamed, holding everything needed to continue bit-identically on CPU: the
+pretrainer (model, optimizer, schedule, sampler, RNG), the env and probe state, the agent's full
+state, the ledger up to the step and the loop's position. A resumed run truncates the ledger to the
+checkpoint, so every step appears exactly once. ``prepare_run_dir`` decides whether a run directory
+starts afresh or continues, and refuses a config that would change what the run trains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ray_jobs.config import ExperimentConfig, save_config
+from ray_jobs.ledger import LEDGER_FILE, Ledger
+
+log = logging.getLogger(__name__)
+
+CKPT_DIR = "checkpoints"
+CKPT_VERSION = 1
+RESUME_MAY_DIFFER = ("ray.", "tracking.", "tune.", "proxy.", "checkpoint.keep_last", "train.log_interval")
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    return _step_dirs(Path(run_dir) / CKPT_DIR)
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit() and (p / "loop.json").exists():
+            found.append(p)
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint directory (by step), or None."""
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def load_latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The newest checkpoint of a run that loads completely, skipping (and logging) partial ones.
+
+    A checkpoint can be caught half-copied, e.g. when a worker dies while Ray Train persists it.
+    """
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            return load_checkpoint(path)
+        except (FileNotFoundError, ValueError) as exc:
+            log.warning("skipping checkpoint %s: %s", path, exc)
+    return None
+
+
+def write_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    pretrainer_state: dict[str, Any],
+    env_state: dict[str, Any],
+    agent_state: dict[str, Any] | None,
+    loop_state: dict[str, Any],
+    keep_last: int,
+    ledger: Ledger | None = None,
+) -> Path:
+    """Write ``<root>/step_<N>`` atomically and keep the newest ``keep_last`` (0 = no pruning).
+
+    A copy of the ledger up to this step goes into the checkpoint, so a restart on another node (Ray
+    Train restores from storage) recovers the ledger with the rest of the state.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    torch.save(pretrainer_state, tmp / "pretrainer.pt")
+    torch.save(env_state, tmp / "env.pt")
+    if agent_state is not None:
+        torch.save(agent_state, tmp / "agent.pt")
+    if ledger is not None:
+        Ledger(tmp / LEDGER_FILE, ledger.rows).flush()
+    files = sorted(p.name for p in tmp.iterdir())
+    (tmp / "loop.json").write_text(json.dumps({**loop_state, "version": CKPT_VERSION, "files": files}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep_last > 0:
+        for old in _step_dirs(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint directory into ``{"pretrainer", "env", "agent", "loop"}`` with clear errors."""
+    path = Path(path)
+    loop_file = path / "loop.json"
+    if not loop_file.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete or missing (no loop.json)")
+    try:
+        loop = json.loads(loop_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"checkpoint {str(loop_file)!r} is corrupt: {exc}") from None
+    missing = [f for f in loop.get("files", []) if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete: missing {missing}")
+    out: dict[str, Any] = {"loop": loop, "agent": None, "ledger_rows": None}
+    if (path / LEDGER_FILE).exists():
+        out["ledger_rows"] = Ledger.load(path / LEDGER_FILE).rows
+    for key in ("pretrainer", "env", "agent"):
+        f = path / f"{key}.pt"
+        if not f.exists():
+            if key == "agent":
+                continue
+            raise FileNotFoundError(f"checkpoint {str(path)!r} lacks {f.name}")
+        try:
+            out[key] = torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as exc:  # torch raises several types for truncated/corrupt files
+            raise ValueError(f"checkpoint file {str(f)!r} is corrupt or unreadable: {exc}") from None
+    return out
+
+
+def split_env_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Move the pretrainer's state out of the env state (it goes to ``pretrainer.pt``, read by export)."""
+    backend = dict(state.get("backend") or {})
+    pretrainer = backend.pop("pretrainer", None) or {}
+    return {**state, "backend": backend}, pretrainer
+
+
+def join_env_state(env_state: dict[str, Any], pretrainer: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of ``split_env_state``."""
+    if not pretrainer:
+        return env_state
+    return {**env_state, "backend": {**env_state.get("backend", {}), "pretrainer": pretrainer}}
+
+
+# --------------------------------------------------------------------------------------------- run directory
+def prepare_run_dir(cfg: ExperimentConfig, resume: Path | None) -> tuple[Path, Path | None]:
+    """Create or validate the run directory; returns it and the checkpoint to resume from (or None).
+
+    A run directory that already holds a checkpoint is resumed automatically. Its saved config must
+    match ``cfg`` except for execution settings (``ray.*``, ``tracking.*``, ...), so a resumed run
+    cannot silently change what it trains.
+    """
+    run_dir = Path(resume) if resume is not None else cfg.run_dir
+    if resume is not None and not run_dir.is_dir():
+        raise FileNotFoundError(f"--resume {str(run_dir)!r}: no such run directory")
+    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if resume is not None and ckpt is None:
+        raise FileNotFoundError(f"--resume {str(run_dir)!r}: the run directory holds no complete checkpoint")
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        from ray_jobs.config import flatten, load_saved_config
+
+        old = flatten(load_saved_config(saved))
+        new = flatten(cfg)
+        differ = sorted(
+            k for k in set(old) | set(new)
+            if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_DIFFER) and k not in ("name", "output_dir")
+        )
+        if differ:
+            raise ValueError(
+                f"run directory {str(run_dir)!r} was started with a different config; differing fields: "
+                f"{differ}. Use a new name (--set name=...) or the same config."
+            )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    except OSError as exc:
+        raise PermissionError(f"cannot write the run directory {str(run_dir)!r}: {exc}") from None
+    return run_dir, ckpt
