@@ -21,11 +21,9 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray.cloudpickle
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
