@@ -1,4 +1,4 @@
-"""AC-ODM: a DDPG actor-critic with a per-domain critic that picks the data mixture (spec §1.5-§1.12).
+"""AC-ODM: a DDPG actor-critic with a per-domain critic that picks the data mixture (docs/reference.md, R3).
 
 Dimension legend: B = batch, K = domains, S = observation features, C = critics.
 
@@ -12,7 +12,7 @@ The learning rule is two functions of (networks, optimisers, batch, config), rea
 - ``warmup_update``: the warm-up's step (behaviour-clone the teacher, fit the critic).
 
 ``ActorCriticMixer`` holds the state and decides which to run. What differs from the authors' code
-(spec §1.13, table in ``docs/internals.md``), on purpose:
+(bug ids of ``docs/reference.md``), on purpose:
 
 - each network is stepped by its own AdamW after its own loss (B1); targets have no optimizer (B6);
 - one LR schedule per network: its base LR (``actor_lr``, ``critic_lr``), constant, or cosine down to

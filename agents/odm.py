@@ -93,7 +93,7 @@ class _OdmBandit(BaseMixer):
 
 @register_mixer("smoothed_mean")
 class SmoothedMeanMixer(_OdmBandit):
-    """ODM's paper method (``SmoothedMeanWeightUpdater.group_update``; spec §2.2), also AC-ODM's warmup teacher.
+    """ODM's paper method (``SmoothedMeanWeightUpdater.group_update``; docs/reference.md, R4), also AC-ODM's warmup teacher.
 
     Per update t: ``R_i <- alpha R_i + (1 - alpha) exp(L_i)`` for each present domain i (R starts at 0;
     alpha = ``config.smoothing``), then the *linear* normalisation
@@ -115,7 +115,7 @@ class SmoothedMeanMixer(_OdmBandit):
 
 @register_mixer("exp3")
 class Exp3Mixer(_OdmBandit):
-    """ODM's EXP3 (``Exp3WeightUpdater.group_update``; spec §2.1) with an overflow-safe softmax.
+    """ODM's EXP3 (``Exp3WeightUpdater.group_update``; docs/reference.md, R4) with an overflow-safe softmax.
 
     Per update t: the importance-weighted estimate ``G_i += r_i / p_i`` for each present domain, with
     ``r_i = exp3_reward_scale * L_i`` (ODM divides the loss by 10) and ``p`` the distribution the step

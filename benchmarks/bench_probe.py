@@ -42,7 +42,7 @@ from envs.observation import ObservationState, build_observation  # noqa: E402
 from envs.probe import GradientProbe  # noqa: E402
 from envs.rewards import compute_reward  # noqa: E402
 
-REFERENCE_BYTES = 22 * 3 * 2048 * 8192 * 4  # the reference's K x P fp32 matrix for 1B (spec §1.9)
+REFERENCE_BYTES = 22 * 3 * 2048 * 8192 * 4  # the reference's K x P fp32 matrix for 1B (docs/reference.md, B12)
 
 
 class RandomCorpus:

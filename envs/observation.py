@@ -2,7 +2,7 @@
 
 Dimension legend: K = domains, L = monitored layers, S = observation features (3K + 2L + 1).
 
-Layout (spec §1.4, in the reference's order)::
+Layout (docs/reference.md, R2, in the reference's order)::
 
     [0, K)            loss        per-domain train loss, z-scored over domains, clamped
     [K, 2K)           loss change its change, z-scored, clamped

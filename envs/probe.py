@@ -8,7 +8,7 @@ The probe is the ``StepObserver`` a ``Pretrainer`` calls around each micro-batch
 of the reference's blocks: with N blocks (0-based), blocks ``N-1, N-3, N-5, ...`` (the last
 ``num_reward_blocks`` even offsets from the last block; fewer when the model is too shallow). For the
 reference's 1B (N=16) that is blocks 15, 13, 11 and for 410M (N=24) blocks 23, 21, 19: exactly its
-sequential indices 17/15/13 and 25/23/21 (spec §1.3). ``ProbeConfig.param_patterns`` (regexes,
+sequential indices 17/15/13 and 25/23/21 (docs/reference.md, R1). ``ProbeConfig.param_patterns`` (regexes,
 ``re.search`` on the parameter name) replace the rule. Monitored weights: ``dense_4h_to_h.weight`` of
 ``num_monitored_layers`` evenly spaced blocks, ``round(linspace(0, N-1, L))`` (all N blocks if L > N).
 

@@ -2,7 +2,7 @@
 
 Dimension legend: K = domains.
 
-Alignment scores follow the reference exactly (spec §1.3): with ``G`` the K x K Gram matrix of the
+Alignment scores follow the reference exactly (docs/reference.md, R1): with ``G`` the K x K Gram matrix of the
 per-domain *mean* gradients of the probed parameters,
 
 1. ``raw_i = sum_{j != i} G_ij`` (off-diagonal row sums: how much domain i's gradient agrees with the

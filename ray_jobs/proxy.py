@@ -1,6 +1,6 @@
 """``acodm proxy``: learn the mixing policy with a small LM, then steer the target LM with it frozen.
 
-AC-ODM's proxy mode (spec §1.12): a full online run of the agent beside a cheap proxy model produces a
+AC-ODM's proxy mode (docs/reference.md, R3): a full online run of the agent beside a cheap proxy model produces a
 policy file; the target run loads it in ``frozen`` mode (act only, no updates; the ODM warmup still
 drives the first steps). The observation features are scale-free (z-scored per step, progress in
 [0, 1]), which is what lets a policy transfer across model sizes and budgets. Both runs are children of

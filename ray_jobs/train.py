@@ -267,7 +267,7 @@ def run_train(
         check_storage(cfg.ray.storage_path)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     start = time.perf_counter()
-    # the dashboard's state API keeps Ray Train's placement-group cleaner quiet (platform notes §3)
+    # the dashboard's state API keeps Ray Train's placement-group cleaner quiet
     with connect(cfg, include_dashboard=True) as address:
         check_resources(cfg.ray.num_workers, cfg.ray.resources_per_worker, cfg.ray.use_gpu, cfg.ray.agent_resources)
         uri = prepare_tracking(cfg)[0] if cfg.tracking.enabled else None

@@ -85,7 +85,7 @@ def run_tune(cfg: ExperimentConfig, resume: Path | None = None) -> dict[str, Any
 
     plan = check_sweep(cfg)
     exp_dir = prepare_exp_dir(cfg, resume)
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # a report waits ~one poll (notes §3)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # a report waits ~one poll (Ray Train V2 polls its workers)
     start = time.perf_counter()
     with connect(cfg, include_dashboard=True):
         _check_trial_fits(cfg)

@@ -1,4 +1,4 @@
-"""Alignment scores and rewards against hand-computed oracles (spec §1.3)."""
+"""Alignment scores and rewards against hand-computed oracles (docs/reference.md, R1)."""
 
 from __future__ import annotations
 
