@@ -191,10 +191,16 @@ class ActorCriticMixer(BaseMixer):
         cfg = self.config
         self.frozen = cfg.mode == "frozen"
         self.device = torch.device(cfg.device)
-        self.warmup_steps = int(round(cfg.warmup_fraction * self.total_steps))
+        # A policy file: frozen mode acts with it; online mode starts learning from it (a warm start, e.g.
+        # from a proxy run), acting with it from the first decision: the warm-up would clone the teacher
+        # over it, so there is none.
+        policy = read_policy(cfg.policy) if cfg.policy is not None else None
+        warm_start = policy is not None and not self.frozen
+        self.warmup_steps = 0 if warm_start else int(round(cfg.warmup_fraction * self.total_steps))
+        if warm_start:
+            log.info("ac_odm: online agent warm-started from %s (no warm-up)", cfg.policy)
         init_seq, replay_seq, explore_seq, noise_seq = np.random.SeedSequence(self.seed).spawn(4)
-        policy = read_policy(cfg.policy) if self.frozen else None
-        # A frozen policy brings its own architecture; an online run takes the config's.
+        # A policy brings its own architecture; otherwise the config's.
         self.architecture = (
             dict(policy["architecture"])
             if policy
@@ -234,6 +240,7 @@ class ActorCriticMixer(BaseMixer):
         self.targets_synced = self.warmup_steps == 0  # targets are copies of the online nets from init
         if policy is not None:
             self._load_policy(policy, str(cfg.policy))
+        if self.frozen:
             for net in (self.actor, self.critic):
                 net.requires_grad_(False)
 
@@ -496,7 +503,11 @@ def read_policy(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     try:
         policy = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a corrupt or foreign file
-        raise ValueError(f"agent.policy = {str(path)!r} is not a readable policy file: {exc}") from exc
+        # torch's own message may suggest weights_only=False, i.e. running code from an untrusted file
+        raise ValueError(
+            f"agent.policy = {str(path)!r} is not a readable acodm policy file (torch.load failed with "
+            f"{type(exc).__name__}); write one with ActorCriticMixer.save_policy or take a run's policy.pt"
+        ) from None
     if not isinstance(policy, dict) or policy.get("format") != POLICY_FORMAT:
         raise ValueError(
             f"agent.policy = {str(path)!r} is not an acodm policy file (format {POLICY_FORMAT!r})"

@@ -36,7 +36,11 @@ class AgentConfig(_StrictModel):
 
     kind: AgentKind = "ac_odm"
     mode: Literal["online", "frozen"] = Field("online", description="frozen = proxy transfer: act only.")
-    policy: str | None = Field(None, description="Policy file or MLflow artifact URI (frozen mode).")
+    policy: str | None = Field(
+        None,
+        description="Policy file or MLflow artifact URI: frozen mode acts with it; online mode starts learning "
+        "from it (a warm start, no warm-up).",
+    )
     weights: dict[str, float] | None = Field(None, description="kind fixed: weight per domain name.")
     # actor-critic
     gamma: float = Field(0.95, ge=0, lt=1)
@@ -91,6 +95,8 @@ class AgentConfig(_StrictModel):
             raise ValueError(f"'weights' is only used by kind 'fixed', not {self.kind!r}")
         if self.mode == "frozen" and self.kind != "ac_odm":
             raise ValueError(f"mode 'frozen' applies to kind 'ac_odm', not {self.kind!r}")
+        if self.policy and self.kind != "ac_odm":
+            raise ValueError(f"policy applies to kind 'ac_odm' (frozen or warm-started), not {self.kind!r}")
         if self.mode == "frozen" and not self.policy:
             raise ValueError("mode 'frozen' needs 'policy' (a policy file or MLflow artifact URI)")
         if self.exploration.min_scale > self.exploration.scale:

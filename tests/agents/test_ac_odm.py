@@ -421,9 +421,23 @@ def test_policy_file_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="foreign.pt.*not an acodm policy file"):
         make_mixer(mode="frozen", policy=str(foreign))
     garbage = tmp_path / "garbage.pt"
-    garbage.write_text("not a torch file")
-    with pytest.raises(ValueError, match="garbage.pt.*not a readable policy file"):
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match="garbage.pt.*not a readable acodm policy file") as err:
         make_mixer(mode="frozen", policy=str(garbage))
+    assert "weights_only" not in str(err.value)  # never advise loading an untrusted file with pickle
+
+
+def test_online_mode_with_a_policy_warm_starts_from_it_and_keeps_learning(tmp_path: Path) -> None:
+    path, trained = _trained_policy(tmp_path)
+    warm = make_mixer(policy=str(path), warmup_fraction=0.5, total_steps=40, hidden_width=64)
+    assert warm.warmup_steps == 0 and warm.architecture["hidden_width"] == 16  # the file's architecture
+    obs = np.linspace(-1, 1, S).astype(np.float32)
+    np.testing.assert_array_equal(warm.act(obs, explore=False), trained.act(obs, explore=False))
+    torch.testing.assert_close(params(warm.nets.actor_target), params(trained.actor), rtol=0, atol=0)
+    feed(warm, 10)
+    assert not np.array_equal(warm.act(obs, explore=False), trained.act(obs, explore=False))  # it learns
+    with pytest.raises(ValueError, match=r"K=4 domains .* K=5 domains"):
+        make_mixer(policy=str(path), k=K + 1)
 
 
 def test_load_policy_into_an_online_mixer_resets_its_targets(tmp_path: Path) -> None:

@@ -148,3 +148,9 @@ def test_mixer_learns_says_which_kinds_need_an_agent_process() -> None:
     assert mixer_learns("ac_odm") and mixer_learns("exp3") and mixer_learns("smoothed_mean")
     with pytest.raises(ValueError, match="'nope' is not a known mixer"):
         mixer_learns("nope")
+
+
+def test_a_policy_applies_to_ac_odm_only() -> None:
+    with pytest.raises(ValueError, match="policy applies to kind 'ac_odm'.*not 'greedy'"):
+        AgentConfig(kind="greedy", policy="runs/x/policy.pt")
+    assert AgentConfig(kind="ac_odm", policy="runs/x/policy.pt").mode == "online"  # a warm start

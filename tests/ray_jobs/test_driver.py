@@ -18,54 +18,7 @@ from ray_jobs.allocator import ALLOCATOR_ENV
 from ray_jobs.checkpoints import checkpoint_dirs, latest_checkpoint, load_checkpoint
 from ray_jobs.config import ExperimentConfig, load_config
 from ray_jobs.driver import run_local
-from tests.envs.lm_fixtures import make_synthetic_corpus
-
-DOMAINS = ("alpha", "beta", "gamma")
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("prepared")
-    make_synthetic_corpus(out, domain_names=DOMAINS, train_tokens=6000, val_tokens=1200)
-    return out
-
-
-def experiment(prepared: Path, out: Path, **over: object) -> dict:
-    """A tiny experiment dict (fast on CPU): 3 domains, tiny model, sqlite tracking off by default."""
-    data = {
-        "name": "t",
-        "output_dir": str(out),
-        "seed": 3,
-        "data": {
-            "prepared_dir": str(prepared),
-            "domains": [{"name": n, "source": {"paths": [f"/nonexistent/{n}.jsonl"]}} for n in DOMAINS],
-        },
-        "lm": {
-            "preset": "tiny",
-            "seq_len": 32,
-            "precision": "fp32",
-            "num_threads": 1,
-            "num_layers": 2,
-            "hidden_size": 64,
-            "num_heads": 2,
-        },
-        "optim": {"lr": 3e-3, "warmup_fraction": 0.1},
-        "sampler": {"micro_batch_size": 2, "grad_accum": 3},
-        "train": {"total_steps": 12, "log_interval": 2},
-        "eval": {"interval": 4, "max_batches": 2, "batch_size": 4},
-        "checkpoint": {"interval": 4, "keep_last": 2},
-        "agent": {"kind": "uniform"},
-        "ray": {"enabled": False},
-        "tracking": {"enabled": False},
-    }
-    for key, value in over.items():
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return data
+from tests.conftest import DOMAINS, REPO, experiment
 
 
 def read_ledger(run_dir: Path) -> pd.DataFrame:

@@ -71,8 +71,8 @@ def _ray_cli(head: LocalRayHead, *args: str, timeout_s: float) -> subprocess.Com
 @pytest.mark.slow
 @pytest.mark.ray
 def test_job_submit_runs_the_project_on_a_private_head(tmp_path: Path, ray_session) -> None:
+    from tests.conftest import DOMAINS, experiment
     from tests.envs.lm_fixtures import make_synthetic_corpus
-    from tests.ray_jobs.test_driver import DOMAINS, experiment
 
     make_synthetic_corpus(tmp_path / "prepared", domain_names=DOMAINS, train_tokens=6000, val_tokens=1200)
     exp = experiment(tmp_path / "prepared", tmp_path / "runs", **{

@@ -11,15 +11,8 @@ import torch
 from ray_jobs.checkpoints import latest_checkpoint
 from ray_jobs.config import ExperimentConfig
 from ray_jobs.proxy import proxy_and_target, run_proxy
+from tests.conftest import experiment
 from tests.envs.lm_fixtures import make_synthetic_corpus
-from tests.ray_jobs.test_driver import DOMAINS, experiment
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("prepared")
-    make_synthetic_corpus(out, domain_names=DOMAINS, train_tokens=6000, val_tokens=1200)
-    return out
 
 
 def pipeline(prepared: Path, out: Path, **over: object) -> ExperimentConfig:

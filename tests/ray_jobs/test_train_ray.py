@@ -16,8 +16,7 @@ import yaml
 
 from ray_jobs.config import ExperimentConfig
 from ray_jobs.driver import run_local
-from tests.envs.lm_fixtures import make_synthetic_corpus
-from tests.ray_jobs.test_driver import DOMAINS, REPO, experiment
+from tests.conftest import DOMAINS, REPO, experiment
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -28,13 +27,6 @@ AC_ODM = {
     "agent.batch_size": 4,
     "agent.warmup_fraction": 0.25,
 }
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("prepared")
-    make_synthetic_corpus(out, domain_names=DOMAINS, train_tokens=6000, val_tokens=1200)
-    return out
 
 
 def ray_experiment(prepared: Path, out: Path, **over: object) -> dict:

@@ -36,19 +36,11 @@ from ray_jobs.tune_space import (
     trial_config,
 )
 from ray_jobs.tune_trial import TrialEvents
-from tests.envs.lm_fixtures import make_synthetic_corpus
+from tests.conftest import DOMAINS, experiment
 from tests.ray_jobs.ray_helpers import stop_session
-from tests.ray_jobs.test_driver import DOMAINS, experiment
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD_BAD_LR = [3e-3, 2e-3, 2e-5, 1e-5]  # grid order = trial order: two good LRs first, then two bad
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("prepared")
-    make_synthetic_corpus(out, domain_names=DOMAINS, train_tokens=6000, val_tokens=1200)
-    return out
 
 
 def sweep(prepared: Path, out: Path, tune: dict, **over: object) -> dict:
