@@ -1,13 +1,16 @@
 """Shared helpers of ``sample_efficiency.py``, ``overhead.py`` and ``gpu.py``.
 
 * machine facts recorded next to every number (CPU, cores, memory, GPU, load average, git revision);
+* the allocator settings of a training process (``ray_jobs.allocator.ALLOCATOR_ENV``): a script that
+  runs step loops itself re-executes itself with them (``run_with_allocator_env``), as the ``acodm``
+  console script does, and starts its local Ray with them in the job's runtime environment
+  (``ray_init``), as ``acodm train`` does;
 * timing summaries (min / median / max) and process memory (resident set, its peak, and resetting
   the peak through ``/proc/self/clear_refs`` so one process can measure several variants in turn);
-* ``StepLoop``: one optimiser step of a run the way a run loop takes it, in the variants that the
+* ``StepLoop``: one optimiser step of a run the way the run loop takes it, in the variants that the
   overhead and GPU benchmarks compare (static mixture without the probe, with the probe ``exact`` or
-  ``sketch``; AC-ODM: the probe plus the agent learning in a Ray actor, acting on rank 0 from the
-  policy the actor publishes (``LocalActingMixer``, the default) or answering every ``act`` in the
-  actor (``RemoteMixer``, ``ray.agent_acting: actor``));
+  ``sketch``; AC-ODM: the probe plus the agent as ``acodm train`` runs it under Ray, a ``Learner``
+  actor that observes and updates, and rank 0 acting from its own copy, ``ActingMixer``);
 * a synthetic prepared corpus of random tokens (no download, any vocabulary and domain count);
 * Markdown tables and an atomic append of a section to ``benchmarks/RESULTS.md``.
 
@@ -39,25 +42,14 @@ if str(REPO_ROOT) not in sys.path:  # the scripts run as files; the packages liv
     sys.path.insert(0, str(REPO_ROOT))
 
 # Variants of one loop iteration, in the order they are reported (the first is the baseline).
-VARIANTS = ("static", "exact", "sketch", "ac_odm", "ac_odm_actor")
+VARIANTS = ("static", "exact", "sketch", "ac_odm")
 VARIANT_LABELS = {
     "static": "static mixture, no probe",
     "exact": "static mixture + probe (exact)",
     "sketch": "static mixture + probe (sketch)",
-    "ac_odm": "AC-ODM: probe (exact) + agent actor, acting on rank 0",
-    "ac_odm_sketch": "AC-ODM: probe (sketch) + agent actor, acting on rank 0",
-    "ac_odm_actor": "AC-ODM: probe (exact) + agent actor answering act",
+    "ac_odm": "AC-ODM: probe (exact) + learner actor, acting on rank 0",
+    "ac_odm_sketch": "AC-ODM: probe (sketch) + learner actor, acting on rank 0",
 }
-# How an AC-ODM variant's rank 0 gets its weights (``ray.agent_acting``): ``local`` acts from a copy of
-# the policy the actor publishes (``LocalActingMixer``, the default of ``acodm train``); ``actor`` asks
-# the actor at every step (``RemoteMixer``).
-AGENT_ACTING = ("local", "actor")
-# What the ledger-free loop hands the agent actor (``ray_jobs.train`` ships the same keys plus the
-# validity flags; the Gram matrix and the signals record stay on the trainer).
-_AGENT_INFO_KEYS = (
-    "loss_K", "reward_parts_K", "scores_K", "weights_K", "reward_valid", "skipped",
-    "gram_KK", "reward_gram_KK", "microbatches_K", "target_mask_K",
-)
 
 
 # --------------------------------------------------------------------------------------------- machine facts
@@ -144,6 +136,54 @@ def command_line() -> str:
 def utc_now() -> str:
     """``2026-12-01 14:05 UTC``."""
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# ------------------------------------------------------------------------------ allocator and local Ray
+def run_with_allocator_env(argv: Sequence[str] | None = None) -> None:
+    """Make sure this process has the allocator settings of a training process; re-execute it if not.
+
+    glibc reads its malloc settings (``ray_jobs.allocator.ALLOCATOR_ENV``) from the environment when a
+    process starts, so a script that runs step loops itself calls this first: when a setting is missing
+    the script runs again in place (``os.execv``, as ``ray_jobs.cli.console_main`` does) with them set;
+    values already in the environment are kept. Child processes inherit them.
+
+    Args:
+        argv: the script's arguments (default ``sys.argv[1:]``).
+    """
+    from ray_jobs.allocator import allocator_env
+
+    wanted = allocator_env()
+    if all(os.environ.get(name) == value for name, value in wanted.items()):
+        return
+    os.environ.update(wanted)
+    args = list(sys.argv[1:] if argv is None else argv)
+    os.execv(sys.executable, [sys.executable, str(Path(sys.argv[0]).resolve()), *args])
+
+
+def allocator_summary() -> str:
+    """``MALLOC_MMAP_THRESHOLD_=... ...``: the allocator settings this process runs with."""
+    from ray_jobs.allocator import ALLOCATOR_ENV
+
+    return " ".join(f"{name}={os.environ.get(name, 'unset')}" for name in ALLOCATOR_ENV)
+
+
+def ray_init(num_cpus: int | None = None) -> None:
+    """A local Ray for the agent's learner actor, started as ``acodm train`` starts one (workers at the
+    driver's niceness, the allocator settings in the job's runtime environment), without the dashboard
+    (not part of what is measured)."""
+    import ray
+
+    from ray_jobs.cluster import job_runtime_env, local_num_cpus, local_system_config
+
+    ray.init(
+        num_cpus=num_cpus or local_num_cpus(),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _node_ip_address="127.0.0.1",
+        _system_config=local_system_config() or None,
+        runtime_env=job_runtime_env(None),
+    )
 
 
 # ------------------------------------------------------------------------------------- timing and memory
@@ -287,28 +327,22 @@ def synthetic_experiment(
 
 
 # --------------------------------------------------------------------------------------------- step loops
-def agent_info(info: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of ``env.step``'s info a mixer reads (what crosses to the agent actor)."""
-    return {k: info[k] for k in _AGENT_INFO_KEYS if k in info}
-
-
 class StepLoop:
-    """One loop iteration (decide, train one optimiser step, observe) in one of the ``VARIANTS``.
+    """One loop iteration (decide, train one optimiser step, observe) in one of the ``VARIANT_LABELS``.
 
     * ``static``: the ``Pretrainer`` alone with the probe detached (no hooks, no observation or reward
       maths): what a fixed-mixture run without AC-ODM's machinery costs;
     * ``exact`` / ``sketch``: ``DataMixingEnv.step`` with the probe in that mode (hooks, per-domain sums,
       Gram matrix, observation and reward), weights from a local static mixer;
-    * ``ac_odm`` / ``ac_odm_sketch``: the same env step, weights from AC-ODM with the agent learning in
-      an ``AgentActor`` Ray actor, as ``ray_jobs.train`` wires it (``_make_mixer``). With
-      ``agent_acting="local"`` (the default, ``ray.agent_acting: local``) this process acts from its
-      copy of the policy the actor publishes (``LocalActingMixer``: ``act`` is a local forward pass,
-      ``observe`` submits ``AgentActor.learn`` without waiting); with ``"actor"`` every ``act`` is an
-      actor round trip and updates run in the actor's background thread (``RemoteMixer``);
-    * ``ac_odm_actor``: ``ac_odm`` on the actor path whatever ``agent_acting`` says (the old default,
-      reported next to the new one).
+    * ``ac_odm`` / ``ac_odm_sketch``: the same env step, weights from AC-ODM as ``ray_jobs.train`` wires
+      it under Ray (``_make_mixer``): an ``ActingMixer`` in this process whose ``act`` is a forward pass
+      of its local copy (loading the newest policy the ``Learner`` actor has published, never waiting)
+      and whose ``observe`` submits the transition to the learner without waiting; the learner observes
+      and updates in its own process.
 
-    Ray must be initialised for the AC-ODM variants.
+    The agent calls are timed as ``ray_jobs.driver.RunLoop.run`` times them (``time/agent_s``: ``act``,
+    then building the ``Transition``, ``observe`` and ``update``). Ray must be initialised for the
+    AC-ODM variants (``ray_init``).
 
     Args:
         name: one of ``VARIANT_LABELS``.
@@ -316,12 +350,7 @@ class StepLoop:
         device: the LM's device (None: CUDA when available).
         agent_overrides: ``AgentConfig`` fields for the AC-ODM variants on top of ``cfg.agent`` (e.g.
             network sizes, warmup 0).
-        agent_cpus: CPUs reserved for the agent actor.
-        overlap_act: ``ray.agent_async``. Local acting: ``act`` applies the replies already back and
-            never waits (False: it waits for step t-1's reply, ordered). Actor: the actor answers ``act``
-            during an update (False: ``act`` waits for the update in flight).
-        agent_acting: ``ray.agent_acting`` of the AC-ODM variants, one of ``AGENT_ACTING``
-            (``ac_odm_actor`` is always ``"actor"``).
+        agent_cpus: CPUs reserved for the learner actor (``ray.agent_resources``).
     """
 
     def __init__(
@@ -332,8 +361,6 @@ class StepLoop:
         device: Any = None,
         agent_overrides: Mapping[str, Any] | None = None,
         agent_cpus: float = 0.0,
-        overlap_act: bool = True,
-        agent_acting: str = "local",
     ) -> None:
         from envs.backends import LMBackend
         from envs.env import DataMixingEnv
@@ -341,14 +368,8 @@ class StepLoop:
 
         if name not in VARIANT_LABELS:
             raise ValueError(f"unknown step-loop variant {name!r}; expected one of {sorted(VARIANT_LABELS)}")
-        if agent_acting not in AGENT_ACTING:
-            raise ValueError(f"agent_acting must be one of {AGENT_ACTING}, got {agent_acting!r}")
         self.name = name
         self.is_agent = name.startswith("ac_odm")
-        # how the agent acts: None for the static mixers
-        self.agent_acting: str | None = None
-        if self.is_agent:
-            self.agent_acting = "actor" if name.endswith("_actor") else agent_acting
         data = cfg.to_dict()
         data["env"]["probe"]["mode"] = "sketch" if "sketch" in name.split("_") else "exact"
         # keep the base config's agent settings (network sizes, exploration, ...); only the kind changes
@@ -367,53 +388,56 @@ class StepLoop:
             self.backend.probe.close()  # removes the gradient hooks and frees the sums
             self.backend.pretrainer.set_observer(None)
             self.probe_bytes = 0
-        self.mixer = self._build_mixer(agent_cpus, overlap_act)
+        self._agent_cpus = agent_cpus
+        self.mixer = self._build_mixer()
         self.act_s: list[float] = []  # wall seconds of each ``act``
         # wall seconds of each step's agent calls on this process (act + observe + update), what
         # ``ray_jobs.driver.RunLoop.run`` records as ``time/agent_s``
         self.agent_s: list[float] = []
         self.wall_s: list[float] = []  # wall seconds of each iteration
         self.cpu_s: list[float] = []  # CPU seconds of this process (all its threads) per iteration
-        # the last transition handed to the mixer: (obs, weights, reward, next_obs, agent info)
-        self.last_transition: tuple[Any, ...] | None = None
+        # AC-ODM: ``agent/policy_lag`` of every learner update taken in (``update()``'s metrics), and the
+        # newest metrics
+        self.policy_lags: list[float] = []
+        self.agent_metrics: dict[str, float] = {}
+        # AC-ODM: per step, whether its ``act`` took in a newly published policy (``update()`` then
+        # returns that update's metrics)
+        self.took_policy: list[bool] = []
         self._cuda = self.backend.pretrainer.device.type == "cuda"
 
-    def agent_spec(self) -> Any:
-        """The ``AgentActorSpec`` the AC-ODM variants start their actor from (``ray_jobs.train``'s)."""
-        from ray_jobs.agent_actor import AgentActorSpec
+    def learner_spec(self) -> Any:
+        """The ``LearnerSpec`` the AC-ODM variants start their learner from (``ray_jobs.train``'s)."""
+        from ray_jobs.agent_actor import LearnerSpec
         from ray_jobs.driver import mixer_kwargs
 
         kwargs = mixer_kwargs(self.cfg, self.env)
-        return AgentActorSpec(
+        return LearnerSpec(
             agent_cfg=self.cfg.agent,
             observation_space=kwargs.pop("observation_space"),
             action_space=kwargs.pop("action_space"),
             mixer_kwargs=kwargs,
             resources={"CPU": self._agent_cpus},
-            overlap_act=self._overlap_act,
         )
 
-    def _build_mixer(self, agent_cpus: float, overlap_act: bool) -> Any:
+    def _build_mixer(self) -> Any:
         from ray_jobs.driver import build_local_mixer
 
-        self._agent_cpus, self._overlap_act = agent_cpus, overlap_act
         if not self.is_agent:
             return build_local_mixer(self.cfg, self.env)
-        from ray_jobs.agent_actor import LocalActingMixer, RemoteMixer
+        from ray_jobs.agent_actor import ActingMixer
 
-        spec = self.agent_spec()
-        if self.agent_acting == "local":
-            return LocalActingMixer(spec, asynchronous=overlap_act)
-        return RemoteMixer(spec)
+        return ActingMixer(self.learner_spec())
 
     def step(self) -> float:
         """Run one iteration; returns its wall seconds (CUDA work included: the step ends synchronised).
 
         The wall and CPU seconds are also appended to ``wall_s`` and ``cpu_s``, the agent calls' wall
-        seconds to ``act_s`` and ``agent_s``. CPU time is this process's only (the agent actor's is in
-        ``actor_cpu_s``); on a loaded machine it is the steadier measure.
+        seconds to ``act_s`` and ``agent_s``. CPU time is this process's only (the learner's is in
+        ``learner_cpu_s``); on a loaded machine it is the steadier measure.
         """
         import torch
+
+        from agents.base import Transition
 
         if self._cuda:
             torch.cuda.synchronize()
@@ -428,11 +452,15 @@ class StepLoop:
         else:
             next_obs, reward, _, truncated, info = self.env.step(weights_K)
             t_observe = time.perf_counter()
-            transition = (self.obs, weights_K, float(reward), next_obs, agent_info(info))
-            self.mixer.observe(*transition)
-            self.mixer.update()  # static mixer: no-op; agent actor: the metrics of finished updates
+            self.mixer.observe(Transition.from_step(self.obs, weights_K, float(reward), next_obs, info))
+            metrics = self.mixer.update()  # static mixer: {}; AC-ODM: the newest learner update taken in
             self.agent_s.append(t_act + time.perf_counter() - t_observe)
-            self.last_transition = transition
+            if self.is_agent:
+                self.took_policy.append(bool(metrics))
+            if metrics:
+                self.agent_metrics = dict(metrics)
+                if "agent/policy_lag" in metrics:
+                    self.policy_lags.append(float(metrics["agent/policy_lag"]))
             self.obs = next_obs
             if truncated:
                 raise RuntimeError(
@@ -446,34 +474,44 @@ class StepLoop:
         return self.wall_s[-1]
 
     def clear_times(self) -> None:
-        """Forget the per-step times recorded so far (e.g. after warm-up steps)."""
-        for times in (self.act_s, self.agent_s, self.wall_s, self.cpu_s):
+        """Forget the per-step records so far (times, policy lags; e.g. after warm-up steps)."""
+        for times in (self.act_s, self.agent_s, self.wall_s, self.cpu_s, self.policy_lags, self.took_policy):
             times.clear()
 
-    def actor_cpu_s(self) -> float:
-        """CPU seconds the agent actor's process has used so far (0 for local mixers)."""
-        if not self.is_agent:
-            return 0.0
+    def wait_for_learner(self) -> None:
+        """Wait until the learner has observed and updated on every transition submitted (AC-ODM;
+        ``ActingMixer.state_dict``, what a checkpoint waits for); no-op for local mixers."""
+        if self.is_agent:
+            self.mixer.state_dict()
+
+    def _on_learner(self, call: Any) -> Any:
         import ray
 
-        return float(ray.get(self.mixer.handle.__ray_call__.remote(lambda _actor: time.process_time())))
+        return ray.get(self.mixer.learner.__ray_call__.remote(call))
 
-    def actor_pid(self) -> int | None:
-        """The agent actor's process id (None for local mixers)."""
+    def learner_cpu_s(self) -> float:
+        """CPU seconds the learner actor's process has used so far (0 for local mixers)."""
+        return float(self._on_learner(lambda _actor: time.process_time())) if self.is_agent else 0.0
+
+    def learner_pid(self) -> int | None:
+        """The learner actor's process id (None for local mixers)."""
+        return int(self._on_learner(lambda _actor: os.getpid())) if self.is_agent else None
+
+    def agent_summary(self) -> dict[str, float]:
+        """AC-ODM: learner updates taken in since ``clear_times`` and their largest policy lag, the
+        learner's gradient updates so far (``agent/num_updates`` of the newest one taken in) and its
+        restarts; {} for local mixers."""
         if not self.is_agent:
-            return None
-        import ray
-
-        return int(ray.get(self.mixer.handle.__ray_call__.remote(lambda _actor: os.getpid())))
-
-    def agent_stats(self) -> dict[str, float]:
-        """The agent's counters (``stats()`` of ``RemoteMixer`` / ``LocalActingMixer``: observed,
-        updates done, pending, update seconds, policy lag); {} for local mixers. With local acting the
-        actor learns inline, so ``pending`` is 0 and ``policy_lag`` is the measure of how far behind it is."""
-        return dict(self.mixer.stats()) if self.is_agent else {}
+            return {}
+        return {
+            "taken": float(len(self.policy_lags)),
+            "max_policy_lag": max(self.policy_lags, default=float("nan")),
+            "num_updates": self.agent_metrics.get("agent/num_updates", float("nan")),
+            "restarts": self.agent_metrics.get("agent/restarts", 0.0),
+        }
 
     def close(self) -> None:
-        """Stop the actor (if any) and free the model."""
+        """Stop the learner (if any) and free the model."""
         if self.is_agent:
             self.mixer.close()
         self.env.close()

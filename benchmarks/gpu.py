@@ -2,22 +2,27 @@
 
 For each preset (``pythia-160m``, then ``pythia-410m`` if the time budget allows) and each variant of
 one optimiser step (``benchmarks.common.StepLoop``: a static mixture with no probe; the probe ``exact``
-and ``sketch``; AC-ODM with the probe exact or sketch, the agent learning in a Ray actor and rank 0
-acting from the policy it publishes, as ``acodm train`` runs it by default), on one device:
+and ``sketch``; AC-ODM with the probe exact or sketch, as ``acodm train`` runs it under Ray: a ``Learner``
+actor observes and updates on CPU, rank 0 acts from its own copy, ``ActingMixer``, which takes in the
+newest published policy without waiting), on one device:
 
 * median step time over ``--steps`` timed steps after ``--warmup`` untimed ones; tokens/s;
 * MFU = 6 * N * tokens/s / peak, with N the parameters that do matmuls (all but the input embedding;
   the LM head counts) and peak = 989 TFLOP/s, the H100/H200 SXM dense bf16 figure (attention's own
   FLOPs are left out, as in the 6N rule);
 * the step-time and peak-memory ratios of each variant to the static one (``torch.cuda``'s peak
-  allocated memory on a GPU; peak RSS on CPU), and the probe's state in bytes.
+  allocated memory on a GPU; peak RSS on CPU), and the probe's state in bytes;
+* for AC-ODM, the agent's share of rank 0's step (``time/agent_s`` / step time, median) and the largest
+  policy lag of the learner updates taken in.
 
 The variants run one after the other (a dedicated GPU has no competing load to interleave against);
 each is built fresh and freed before the next. The corpus is random tokens over the Pythia vocabulary
 (50,277 tokens), 22 domains like The Pile, written once to a temporary directory in the real prepared
 format, so nothing is downloaded. The defaults (2,048-token sequences, 8 x 22 micro-batches per step =
 360k tokens, the reference's agent: 5 x 1024 networks) keep ``pythia-160m`` plus ``pythia-410m`` under
-8 minutes on one H200; ``--budget-s`` skips a preset whose estimated time would overrun.
+8 minutes on one H200; ``--budget-s`` skips a preset whose estimated time would overrun. The script
+re-executes itself with the allocator settings of a training process (``ray_jobs.allocator``) and gives
+its local Ray the same settings, as ``acodm train`` does.
 
 ``--smoke`` runs the same code on CPU with the ``tiny`` preset, 4 domains and 2 timed steps, to test the
 script anywhere (its MFU column is n/a).
@@ -50,7 +55,9 @@ from common import (
     machine_summary,
     markdown_table,
     peak_rss_bytes,
+    ray_init,
     reset_peak_rss,
+    run_with_allocator_env,
     synthetic_corpus,
     synthetic_experiment,
     utc_now,
@@ -132,14 +139,18 @@ def run_variant(name: str, cfg: Any, args: argparse.Namespace, agent: dict[str, 
             loop.step()
         if not cuda:
             reset_peak_rss()
+        loop.wait_for_learner()  # the warm-up's updates are not charged to the timed steps
+        loop.clear_times()
         times = [loop.step() for _ in range(args.steps)]
         peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
         n = matmul_params(loop.backend.pretrainer.model)
-        stats = loop.agent_stats()
+        agent = loop.agent_summary()
+        if agent:
+            agent["share"] = statistics.median(loop.agent_s) / statistics.median(loop.wall_s)
         probe = loop.probe_bytes
     finally:
         loop.close()
-    return {"median_s": statistics.median(times), "peak": peak, "n": n, "probe": probe, "stats": stats}
+    return {"median_s": statistics.median(times), "peak": peak, "n": n, "probe": probe, "agent": agent}
 
 
 def bench_preset(preset: str, prepared: Path, names: list[str], args: argparse.Namespace) -> list[list[str]]:
@@ -167,11 +178,11 @@ def bench_preset(preset: str, prepared: Path, names: list[str], args: argparse.N
         mfu = "n/a" if args.smoke else f"{6 * r['n'] * tok_s / PEAK_BF16_FLOPS:.1%}"
         t_ratio = f"{r['median_s'] / base['median_s']:.3f}" if base else "n/a"
         m_ratio = f"{r['peak'] / base['peak']:.3f}" if base else "n/a"
-        stats = r["stats"]
+        agent = r["agent"]
         lag = (
-            f"{stats['updates_done']:.0f} done, {stats['pending']:.0f} pending, policy lag max "
-            f"{stats['max_policy_lag']:.0f}"
-            if stats
+            f"{agent['share']:.2%} of the step; {agent['taken']:.0f} updates taken in, policy lag max "
+            f"{agent['max_policy_lag']:.0f}"
+            if agent
             else "\u2014"
         )
         rows.append(
@@ -204,16 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     args = parse_args(argv)
+    run_with_allocator_env(argv)  # this process runs the loops: a training process's allocator settings
     start = time.perf_counter()
     import ray
 
-    ray.init(
-        num_cpus=None,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        _node_ip_address="127.0.0.1",
-    )
+    ray_init()
     rows: list[list[str]] = []
     notes: list[str] = []
     try:
@@ -253,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak memory",
         "memory / static",
         "probe state",
-        "agent updates at end",
+        "AC-ODM agent on rank 0 (median)",
     ]
     text = "\n".join(
         [

@@ -1,66 +1,57 @@
 """Overhead of AC-ODM's machinery on the tiny CPU LM, measured in one run against a static mixture.
 
-Five parts, all on the base config ``configs/bench-demo.yaml`` (the demo corpus, the tiny GPT-NeoX,
-one torch thread, 8 micro-batches of 2 x 64 tokens per optimiser step):
+Four parts, all on the base config ``configs/bench-demo.yaml`` (the demo corpus, the tiny GPT-NeoX, one
+torch thread, 16 micro-batches of 1 x 64 tokens per optimiser step). AC-ODM runs as ``acodm train``
+runs it under Ray (``ray_jobs.train._make_mixer``): a ``Learner`` Ray actor observes and updates; rank 0
+acts from its own copy (``ActingMixer``), which takes in the newest policy the learner has published
+without waiting (non-blocking ``ray.wait``) and submits each transition to the learner without waiting.
 
-1. **Step time** of one loop iteration in five variants (``benchmarks.common.StepLoop``):
-   ``static``, a static mixture with no probe (the Pretrainer alone); ``exact`` and ``sketch``, the
-   probe in that mode (env step with hooks, Gram matrix, observation and reward; static mixer);
-   ``ac_odm``, AC-ODM as ``acodm train`` runs it by default (probe exact; the agent learns in a Ray
-   actor and rank 0 acts from its own copy of the policy the actor publishes, ``LocalActingMixer``:
-   ``act`` is a local forward pass, ``observe`` submits ``AgentActor.learn`` without waiting,
-   ``ray.agent_acting: local``, ``ray.agent_async: true``); and ``ac_odm_actor``, the old path
-   (``ray.agent_acting: actor``, ``RemoteMixer``: every ``act`` is an actor round trip, updates run
-   in the actor's background thread). All five live in this process and take turns in blocks of
-   steps, the order rotating every round, so machine load hits them alike. Reported: min / median /
-   max wall ms per step and the ratio of medians to the static variant and, for AC-ODM, to ``exact``
-   (what the agent adds on top of the probe); the agent's time on rank 0 per step (``act`` +
-   ``observe`` + ``update``, the run loop's ``time/agent_s``) and its share of the step (the steady
-   measure on a loaded machine); this process's CPU time and the agent actor's CPU time per step;
-   each AC-ODM loop's ``act`` time, updates, policy lag and pending updates.
-2. **Agent calls on rank 0**, taking turns ``--act-repeats`` times: ``act`` on the actor (the
-   ``ac_odm_actor`` loop, queue drained first) and a no-op actor call; with local acting (a separate
-   ``LocalActingMixer`` loaded with the ``ac_odm`` loop's agent, so that loop is left alone):
-   ``observe`` (submitting ``learn``) and, once the reply thread has taken the new policy in, ``act``;
-   and ``act`` of the whole mixer in-process, in ms.
-3. **Peak memory** of each variant in a fresh subprocess (peak RSS, Linux ``VmHWM``), and for AC-ODM
-   the actor process's peak RSS too (Ray's own daemons are not counted).
-4. **In-process loop vs 1-worker Ray Train** (``run_local`` then ``run_train`` then ``run_local`` again,
-   same config, static uniform mixer): median wall seconds per step from the ledgers' ``wall_time``
-   (evaluation and checkpoint steps excluded), and the ratio of Ray Train to the mean of the two
-   in-process runs; Ray Train's fixed start-up and tear-down time is reported apart.
-5. **An agent slower than the LM** (``slow`` part): AC-ODM with ``updates_per_step`` raised
-   (``--slow-updates``, default 200) so one update takes longer than an LM step, in up to four modes
-   (``--slow-modes``): local acting asynchronous (the default: ``act`` applies the replies already
-   back and never waits) and ordered (``ray.agent_async: false``: ``act`` waits for step t-1's
-   reply), the actor path overlapped (``act`` answers from the published policy) and ordered (``act``
-   waits for the update in flight). The loops take turns in blocks; each block starts from a drained
-   agent (the drain is not timed). Reported: ``act`` and the agent's rank-0 time in the loop and the
-   step's wall time, median and max, the actor's update time per step and the largest policy lag:
-   asynchronous, ``act`` must stay at its local / round-trip cost whatever the update costs.
+1. **Step time** of one loop iteration in four variants (``benchmarks.common.StepLoop``): ``static``, a
+   static mixture with no probe (the Pretrainer alone); ``exact`` and ``sketch``, the probe in that mode
+   (env step with hooks, Gram matrix, observation and reward; static mixer); ``ac_odm``, AC-ODM with the
+   probe exact. All four live in this process and take turns in blocks of steps, the order rotating
+   every round, so machine load hits them alike. Reported: min / median / max wall ms per step and the
+   ratio of medians to the static variant and, for AC-ODM, to ``exact`` (what the agent adds on top of
+   the probe); the agent's time on rank 0 per step (``act`` + building the ``Transition`` + ``observe``
+   + ``update``, the run loop's ``time/agent_s``) and its share of the step (``agent_s`` / wall, per
+   step: min / median / max), the measure that machine load does not blur; this process's CPU time and
+   the learner's CPU time per step; the policy lag of the updates taken in.
+2. **An agent slower than the LM** (``slow`` part): AC-ODM with ``updates_per_step`` raised
+   (``--slow-updates``, default 200) so that each step's update outlasts an LM step, taking turns in
+   blocks with the ``exact`` variant (the same step without the agent). After each AC-ODM block the
+   script waits, untimed, for the learner to catch up (so its backlog does not run into the next block;
+   how long that took is reported). Reported: ``act`` and the agent's rank-0 time per step and its
+   share, the step's wall time against ``exact``, the learner's CPU time per step, and the policy lag
+   (transitions submitted that the acting policy had not learned from when an update was taken in):
+   ``act`` must stay at its local cost whatever an update costs, the lag grows instead.
+3. **Peak memory** of each variant in a fresh subprocess (peak RSS, Linux ``VmHWM``), and for AC-ODM the
+   learner process's peak RSS too (Ray's own daemons are not counted).
+4. **In-process loop vs 1-worker Ray Train** (``run_local`` and ``run_train`` alternating, starting and
+   ending in-process, same config, static uniform mixer): median wall seconds per step from the ledgers'
+   ``wall_time`` (evaluation and checkpoint steps excluded), and the ratio of Ray Train to the mean of
+   the in-process runs; Ray Train's fixed start-up and tear-down time is reported apart.
 
-The machine this runs on is shared; the load average is printed with the numbers.
+The script re-executes itself with the allocator settings of a training process
+(``ray_jobs.allocator.ALLOCATOR_ENV``) and gives its local Ray the same settings through the job's
+runtime environment, as ``acodm train`` does. The machine this runs on may be shared; the load average
+is printed with the numbers.
 
 Usage: ``.venv/bin/python benchmarks/overhead.py [--rounds 4] [--block 4] [--train-steps 40]
-[--slow-modes local-async local-ordered actor-async actor-ordered] [--results benchmarks/RESULTS.md]``
-(about 6-7 minutes on 2 idle cores; ``--skip memory train slow`` for parts 1-2; smoke test:
-``--rounds 1 --block 2 --warmup 2 --act-repeats 5 --slow-updates 20 --skip memory train``).
+[--skip steps slow memory train] [--results FILE]`` (``--results`` appends the section to FILE; smoke
+test: ``--rounds 1 --block 2 --warmup 2 --slow-updates 20 --skip memory train``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +61,7 @@ from common import (
     VARIANTS,
     StepLoop,
     TimeSummary,
+    allocator_summary,
     append_section,
     command_line,
     fmt_bytes,
@@ -79,7 +71,9 @@ from common import (
     machine_summary,
     markdown_table,
     peak_rss_bytes,
+    ray_init,
     rss_bytes,
+    run_with_allocator_env,
     utc_now,
 )
 
@@ -88,8 +82,9 @@ from ray_jobs.config import ExperimentConfig, load_config
 log = logging.getLogger("overhead")
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "bench-demo.yaml"
-# The steady state of AC-ODM: no ODM warmup, so every decision is the actor's and every step updates.
+# The steady state of AC-ODM: no ODM warmup, so every decision is the policy's and every step updates.
 AGENT_OVERRIDES = {"warmup_fraction": 0.0}
+DASH = "\u2014"
 
 
 def base_config(args: argparse.Namespace) -> ExperimentConfig:
@@ -107,26 +102,34 @@ def base_config(args: argparse.Namespace) -> ExperimentConfig:
     )
 
 
-def ray_init(num_cpus: int | None = None) -> None:
-    """A local Ray for the agent actor (no dashboard: it is not part of what is measured)."""
-    import ray
-
-    from ray_jobs.cluster import local_system_config
-
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        _node_ip_address="127.0.0.1",
-        _system_config=local_system_config() or None,  # workers at niceness 0, as `acodm train` starts them
-    )
+def _ms3(s: TimeSummary, digits: int = 0) -> str:
+    """``min / median / max`` in ms."""
+    return f"{s.min * 1e3:.{digits}f} / {s.median * 1e3:.{digits}f} / {s.max * 1e3:.{digits}f}"
 
 
-# --------------------------------------------------------------------------------------------- part 1 and 2
+def _shares(loop: StepLoop) -> TimeSummary:
+    """The agent's share of each step (``agent_s`` / wall), summarised."""
+    return TimeSummary.of([a / w for a, w in zip(loop.agent_s, loop.wall_s, strict=True)])
+
+
+def _pct3(s: TimeSummary) -> str:
+    return f"{s.min:.2%} / {s.median:.2%} / {s.max:.2%}"
+
+
+def _act_split(loop: StepLoop) -> str:
+    """``act`` times of the steps that took in a newly published policy and of the others."""
+    parts = []
+    for took, label in ((True, "loading a newly published policy"), (False, "acting from the policy it had")):
+        times = [t for t, k in zip(loop.act_s, loop.took_policy, strict=True) if k == took]
+        if times:
+            parts.append(f"{label} {_ms3(TimeSummary.of(times), 2)} ms ({len(times)} steps)")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- part 1
 def step_times(cfg: ExperimentConfig, args: argparse.Namespace) -> tuple[list[list[str]], dict[str, Any]]:
-    """Interleaved step times (wall and CPU) of every variant, plus each agent variant's agent time,
-    round trips and counters."""
+    """Interleaved step times (wall and CPU) of every variant, plus the agent's time on rank 0, the
+    learner's CPU time and the policy lag."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -135,29 +138,36 @@ def step_times(cfg: ExperimentConfig, args: argparse.Namespace) -> tuple[list[li
     try:
         for name in VARIANTS:
             loops.append(StepLoop(name, cfg, device="cpu", agent_overrides=AGENT_OVERRIDES))
-        for loop in loops:  # warm up: optimiser state, the actor's start and its first (slow) updates
+        for loop in loops:  # warm up: optimiser state, the learner's start and its first (slow) updates
             for _ in range(args.warmup):
                 loop.step()
+            loop.wait_for_learner()
             loop.clear_times()
-        agents = {loop.name: loop for loop in loops if loop.is_agent}
+        agents = [loop for loop in loops if loop.is_agent]
         load_before = format_load()
-        actor_cpu = {name: loop.actor_cpu_s() for name, loop in agents.items()}
+        learner_cpu = {loop.name: loop.learner_cpu_s() for loop in agents}
         interleave(loops, rounds=args.rounds, block=args.block)
-        for name, loop in agents.items():
-            actor_cpu[name] = (loop.actor_cpu_s() - actor_cpu[name]) / (args.rounds * args.block)
-        extra = {
-            "load": f"{load_before} -> {format_load()}",
-            "agents": {
-                name: {
-                    "stats": loop.agent_stats(),
-                    "act": TimeSummary.of(loop.act_s),
-                    "agent": TimeSummary.of(loop.agent_s),
-                    "actor_cpu": actor_cpu[name],
-                }
-                for name, loop in agents.items()
-            },
-            "round_trip": round_trips(agents, args.act_repeats),
-        }
+        # the learner's work for the timed steps, including what it still had queued at the end
+        catch_up = {}
+        for loop in agents:
+            start = time.perf_counter()
+            loop.wait_for_learner()
+            catch_up[loop.name] = time.perf_counter() - start
+            learner_cpu[loop.name] = (loop.learner_cpu_s() - learner_cpu[loop.name]) / len(loop.wall_s)
+        extra: dict[str, Any] = {"load": f"{load_before} -> {format_load()}", "agents": {}}
+        for loop in agents:
+            extra["agents"][loop.name] = {
+                "summary": loop.agent_summary(),
+                "act": TimeSummary.of(loop.act_s),
+                "act_split": _act_split(loop),
+                "observe_update": TimeSummary.of(
+                    [a - b for a, b in zip(loop.agent_s, loop.act_s, strict=True)]
+                ),
+                "agent": TimeSummary.of(loop.agent_s),
+                "share": _shares(loop),
+                "learner_cpu": learner_cpu[loop.name],
+                "catch_up": catch_up[loop.name],
+            }
     finally:
         for loop in loops:
             loop.close()
@@ -173,25 +183,26 @@ def step_times(cfg: ExperimentConfig, args: argparse.Namespace) -> tuple[list[li
     rows = []
     for loop in loops:
         w, c = TimeSummary.of(loop.wall_s), TimeSummary.of(loop.cpu_s)
-        agent_cpu = extra["agents"][loop.name]["actor_cpu"] if loop.is_agent else 0.0
-        agent_s = statistics.median(loop.agent_s)
-        if loop.is_agent:
-            extra["agents"][loop.name].update(
+        a = extra["agents"].get(loop.name)
+        learner = a["learner_cpu"] if a else 0.0
+        if a:
+            a.update(
                 wall_vs_exact=w.median / wall_exact,
-                cpu_vs_exact=(c.median + agent_cpu) / cpu_exact,
-                agent_share=agent_s / w.median,
+                cpu_vs_exact=(c.median + learner) / cpu_exact,
+                share_of_medians=a["agent"].median / w.median,
+                wall=w,
             )
         rows.append(
             [
                 VARIANT_LABELS[loop.name],
-                f"{w.min * 1e3:.0f} / {w.median * 1e3:.0f} / {w.max * 1e3:.0f}",
+                _ms3(w),
                 f"{w.median / wall0:.3f}",
-                f"{w.median / wall_exact:.3f}" if loop.is_agent else "\u2014",
-                f"{agent_s * 1e3:.2f}" if loop.is_agent else "\u2014",
-                f"{agent_s / w.median:.2%}" if loop.is_agent else "\u2014",
-                f"{c.min * 1e3:.0f} / {c.median * 1e3:.0f} / {c.max * 1e3:.0f}",
-                f"{agent_cpu * 1e3:.1f}" if loop.is_agent else "\u2014",
-                f"{(c.median + agent_cpu) / cpu0:.3f}",
+                f"{w.median / wall_exact:.3f}" if a else DASH,
+                _ms3(a["agent"], 2) if a else DASH,
+                _pct3(a["share"]) if a else DASH,
+                _ms3(c),
+                f"{learner * 1e3:.1f}" if a else DASH,
+                f"{(c.median + learner) / cpu0:.3f}",
                 fmt_bytes(loop.probe_bytes),
                 str(w.n),
             ]
@@ -199,175 +210,78 @@ def step_times(cfg: ExperimentConfig, args: argparse.Namespace) -> tuple[list[li
     return rows, extra
 
 
-def _timed(call: Callable[[], Any]) -> float:
-    """Wall seconds of one ``call()``."""
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
-
-
-def round_trips(agents: Mapping[str, StepLoop], repeats: int) -> tuple[dict[str, TimeSummary], str]:
-    """What one step's agent calls cost on rank 0, each ``repeats`` times, taking turns.
-
-    * the actor path (the ``ac_odm_actor`` loop's ``RemoteMixer``, its queue drained first): ``act``
-      over the actor, and a no-op actor call (``stats``) for the bare Ray round trip;
-    * local acting (a separate ``LocalActingMixer`` from the ``ac_odm`` loop's spec, loaded with that
-      loop's agent state and fed its last transition again and again, so the loop's own mixer is left
-      alone): ``observe`` (the copy's bookkeeping + submitting ``AgentActor.learn``), then, once the
-      reply is back and its policy taken in by the reply thread (untimed; in a run the LM step covers
-      this), ``act`` (the copy's forward pass and bookkeeping);
-    * ``act`` of the whole mixer in this process (no actor at all), for scale.
-
-    Returns:
-        The timings by call, and a note on what the local ``act`` includes.
-    """
-    import ray
-
-    from agents import build_mixer
-    from ray_jobs.agent_actor import LocalActingMixer
-
-    timed: dict[str, list[float]] = {}
-    per_repeat: list[Callable[[], dict[str, float]]] = []
-    actor_loop, local_loop = agents.get("ac_odm_actor"), agents.get("ac_odm")
-    source = local_loop if local_loop is not None else actor_loop
-    if source is None:
-        return {}, ""
-    created: list[Any] = []
-    try:
-        if actor_loop is not None:
-            remote, actor_obs = actor_loop.mixer, actor_loop.obs
-            remote.drain()
-
-            def actor_calls() -> dict[str, float]:
-                return {
-                    "actor act": _timed(lambda: remote.act(actor_obs, explore=True)),
-                    "actor no-op call": _timed(lambda: ray.get(remote.handle.stats.remote())),
-                }
-
-            per_repeat.append(actor_calls)
-        if local_loop is not None and local_loop.last_transition is not None:
-            split = LocalActingMixer(local_loop.mixer.spec, asynchronous=local_loop.mixer.asynchronous)
-            created.append(split)
-            split.load_state_dict(local_loop.mixer.state_dict())
-            obs, weights, reward, next_obs, info = local_loop.last_transition
-            last = {"weights": weights}
-
-            def local_calls() -> dict[str, float]:
-                out = {
-                    "local observe (submit learn)": _timed(
-                        lambda: split.observe(obs, last["weights"], reward, next_obs, info)
-                    )
-                }
-                # untimed (the LM step, in a run): the reply comes back and, in the asynchronous mode,
-                # the reply thread loads the new policy (ordered mode: the next act waits for it)
-                if split.asynchronous:
-                    split.drain()
-                else:
-                    ray.get(split.handle.stats.remote())
-                out["local act"] = _timed(lambda: last.__setitem__("weights", split.act(obs, explore=True)))
-                return out
-
-            per_repeat.append(local_calls)
-        state = source.mixer.state_dict()
-        spec = source.mixer.spec
-        whole = build_mixer(
-            spec.agent_cfg, source.env.observation_space, source.env.action_space, **dict(spec.mixer_kwargs)
-        )
-        whole.load_state_dict(state)
-        per_repeat.append(lambda: {"in-process act": _timed(lambda: whole.act(source.obs, explore=True))})
-        for _ in range(repeats):
-            for calls in per_repeat:
-                for name, seconds in calls().items():
-                    timed.setdefault(name, []).append(seconds)
-    finally:
-        for mixer in created:
-            with contextlib.suppress(Exception):
-                mixer.drain()
-            mixer.close()
-    note = ""
-    if local_loop is not None:
-        note = (
-            "Local act: the copy's forward pass and bookkeeping, the reply's policy already taken in by the "
-            "reply thread (asynchronous mode) while the LM step ran"
-        )
-    return {name: TimeSummary.of(t) for name, t in timed.items()}, note
-
-
-# --------------------------------------------------------------------------------------------- part 5
-# The slow-agent modes: key -> (label, agent_acting, agent_async). The first is the default and the
-# baseline of the table's ratio.
-SLOW_MODES = {
-    "local-async": ("local acting, async (agent_async: true; the default)", "local", True),
-    "local-ordered": ("local acting, ordered (agent_async: false)", "local", False),
-    "actor-async": ("actor answers act, overlapped (agent_acting: actor)", "actor", True),
-    "actor-ordered": ("actor answers act, ordered (agent_acting: actor, agent_async: false)", "actor", False),
-}
-
-
+# --------------------------------------------------------------------------------------------- part 2
 def slow_agent(cfg: ExperimentConfig, args: argparse.Namespace) -> tuple[list[list[str]], dict[str, Any]]:
-    """Local acting and the actor path, each asynchronous and ordered, when one agent update outlasts an
-    LM step."""
+    """AC-ODM whose every step's update outlasts an LM step, taking turns with the probe-only loop."""
     import torch
 
     torch.set_num_threads(args.threads)
     ray_init()
     overrides = {**AGENT_OVERRIDES, "updates_per_step": float(args.slow_updates)}
-    modes = {key: SLOW_MODES[key] for key in args.slow_modes}
-    loops: dict[str, StepLoop] = {}
-    lags = dict.fromkeys(modes, 0.0)
-    update_s = dict.fromkeys(modes, 0.0)
+    loops: list[StepLoop] = []
+    learner_cpu = 0.0
+    catch_up: list[float] = []
     try:
-        for key, (_, acting, overlap) in modes.items():
-            loops[key] = StepLoop(
-                "ac_odm",
-                cfg,
-                device="cpu",
-                agent_overrides=overrides,
-                overlap_act=overlap,
-                agent_acting=acting,
-            )
-        for loop in loops.values():
+        loops.append(StepLoop("exact", cfg, device="cpu"))
+        loops.append(StepLoop("ac_odm", cfg, device="cpu", agent_overrides=overrides))
+        agent = loops[1]
+        for loop in loops:
             for _ in range(args.warmup):
                 loop.step()
-            loop.mixer.drain()
+            loop.wait_for_learner()
             loop.clear_times()
         load_before = format_load()
-        items = list(loops.items())
         for r in range(args.rounds):
-            order = items[r % len(items) :] + items[: r % len(items)]
-            for key, loop in order:
-                before = loop.agent_stats()["update_s"]
+            for loop in loops[r % 2 :] + loops[: r % 2]:
+                before = loop.learner_cpu_s()
                 for _ in range(args.block):
                     loop.step()
-                loop.mixer.drain()  # untimed: the next block starts from an empty queue
-                stats = loop.agent_stats()
-                update_s[key] += stats["update_s"] - before
-                lags[key] = max(lags[key], stats["max_policy_lag"])
+                if loop.is_agent:  # untimed: the next block starts with the learner caught up
+                    start = time.perf_counter()
+                    loop.wait_for_learner()
+                    catch_up.append(time.perf_counter() - start)
+                    learner_cpu += loop.learner_cpu_s() - before
         load = f"{load_before} -> {format_load()}"
+        summary = agent.agent_summary()
     finally:
-        for loop in loops.values():
+        for loop in loops:
             loop.close()
         import ray
 
         ray.shutdown()
+    base_wall = statistics.median(loops[0].wall_s)
     rows = []
-    base_wall = statistics.median(next(iter(loops.values())).wall_s)
-    for key, loop in loops.items():
-        act, agent = TimeSummary.of(loop.act_s), TimeSummary.of(loop.agent_s)
-        wall = TimeSummary.of(loop.wall_s)
+    for loop in loops:
+        act, agent_t, wall = (
+            TimeSummary.of(loop.act_s),
+            TimeSummary.of(loop.agent_s),
+            TimeSummary.of(loop.wall_s),
+        )
+        is_agent = loop.is_agent
         rows.append(
             [
-                modes[key][0],
-                f"{act.median * 1e3:.2f} / {act.max * 1e3:.1f}",
-                f"{agent.median * 1e3:.2f} / {agent.max * 1e3:.1f}",
+                f"{VARIANT_LABELS[loop.name]}"
+                + (f", updates_per_step {args.slow_updates}" if is_agent else ""),
+                f"{act.median * 1e3:.2f} / {act.max * 1e3:.1f}" if is_agent else DASH,
+                f"{agent_t.median * 1e3:.2f} / {agent_t.max * 1e3:.1f}" if is_agent else DASH,
+                _pct3(_shares(loop)) if is_agent else DASH,
                 f"{wall.median * 1e3:.0f} / {wall.max * 1e3:.0f}",
                 f"{wall.median / base_wall:.3f}",
-                f"{update_s[key] / wall.n * 1e3:.0f}",
-                f"{lags[key]:.0f}",
+                f"{learner_cpu / wall.n * 1e3:.0f}" if is_agent else DASH,
+                f"{statistics.median(catch_up):.1f} / {max(catch_up):.1f}" if is_agent else DASH,
+                f"{summary['max_policy_lag']:.0f}" if is_agent else DASH,
+                f"{summary['taken']:.0f}" if is_agent else DASH,
                 str(wall.n),
             ]
         )
-    return rows, {"load": load, "updates": args.slow_updates, "baseline": modes[next(iter(modes))][0]}
+    agent_wall = statistics.median(loops[1].wall_s)
+    return rows, {
+        "load": load,
+        "updates": args.slow_updates,
+        "learner_per_wall": learner_cpu / len(loops[1].wall_s) / agent_wall,
+        "num_updates": summary["num_updates"],
+        "act_split": _act_split(loops[1]),
+    }
 
 
 # --------------------------------------------------------------------------------------------- part 3
@@ -387,8 +301,8 @@ def memory_child(args: argparse.Namespace) -> None:
             loop.step()
         out = {"variant": name, "peak_rss": peak_rss_bytes(), "rss_start": rss_start}
         if loop.is_agent:
-            loop.mixer.drain()
-            out["actor_peak_rss"] = peak_rss_bytes(loop.actor_pid())
+            loop.wait_for_learner()
+            out["learner_peak_rss"] = peak_rss_bytes(loop.learner_pid())
         print("MEMORY " + json.dumps(out), flush=True)
     finally:
         if loop is not None:
@@ -399,7 +313,8 @@ def memory_child(args: argparse.Namespace) -> None:
 
 
 def memory(args: argparse.Namespace) -> list[list[str]]:
-    """Run ``memory_child`` per variant in fresh processes; rows of the memory table."""
+    """Run ``memory_child`` per variant in fresh processes (they inherit the allocator settings); rows
+    of the memory table."""
     results = {}
     for name in VARIANTS:
         cmd = [
@@ -426,14 +341,13 @@ def memory(args: argparse.Namespace) -> list[list[str]]:
     rows = []
     for name in VARIANTS:
         r = results[name]
-        actor = fmt_bytes(r["actor_peak_rss"]) if "actor_peak_rss" in r else "\u2014"
         rows.append(
             [
                 VARIANT_LABELS[name],
                 fmt_bytes(r["peak_rss"]),
                 f"{r['peak_rss'] / base:.3f}",
                 fmt_bytes(r["peak_rss"] - r["rss_start"]),
-                actor,
+                fmt_bytes(r["learner_peak_rss"]) if "learner_peak_rss" in r else DASH,
             ]
         )
     return rows
@@ -535,49 +449,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--warmup",
         type=int,
         default=8,
-        help="untimed steps per variant first (the agent's first updates are slow)",
+        help="untimed steps per variant first (the agent's first updates are slow; default 8)",
     )
-    p.add_argument("--rounds", type=int, default=4, help="rounds of the step-time comparison")
-    p.add_argument("--block", type=int, default=4, help="steps per variant per round")
-    p.add_argument("--act-repeats", type=int, default=100, help="agent round trips timed")
-    p.add_argument("--memory-steps", type=int, default=6, help="steps per memory subprocess")
-    p.add_argument("--train-steps", type=int, default=40, help="steps per in-process / Ray Train run")
     p.add_argument(
-        "--train-pairs", type=int, default=2, help="Ray Train runs (each between two in-process runs)"
+        "--rounds", type=int, default=4, help="rounds of the step-time and slow-agent parts (default 4)"
+    )
+    p.add_argument("--block", type=int, default=4, help="steps per variant per round (default 4)")
+    p.add_argument("--memory-steps", type=int, default=6, help="steps per memory subprocess (default 6)")
+    p.add_argument(
+        "--train-steps", type=int, default=40, help="steps per in-process / Ray Train run (default 40)"
+    )
+    p.add_argument(
+        "--train-pairs",
+        type=int,
+        default=2,
+        help="Ray Train runs, each between two in-process runs (default 2)",
     )
     p.add_argument(
         "--slow-updates", type=int, default=200, help="updates_per_step of the slow-agent part (default 200)"
     )
     p.add_argument(
-        "--slow-modes",
-        nargs="+",
-        default=list(SLOW_MODES),
-        choices=list(SLOW_MODES),
-        help="agent modes of the slow-agent part, in this order (default: all four; the first is the "
-        "ratio's baseline)",
+        "--skip", nargs="*", default=[], choices=["steps", "slow", "memory", "train"], help="parts to skip"
     )
     p.add_argument(
-        "--skip", nargs="*", default=[], choices=["steps", "memory", "train", "slow"], help="parts to skip"
-    )
-    p.add_argument(
-        "--results", type=Path, default=None, help="append a section to this file (e.g. RESULTS.md)"
+        "--results", type=Path, default=None, help="append the printed section to this file (e.g. RESULTS.md)"
     )
     p.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    flags = (
-        "threads",
-        "rounds",
-        "block",
-        "act_repeats",
-        "memory_steps",
-        "train_steps",
-        "train_pairs",
-        "slow_updates",
-    )
+    flags = ("threads", "rounds", "block", "memory_steps", "train_steps", "train_pairs", "slow_updates")
     for flag in flags:
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    args.slow_modes = list(dict.fromkeys(args.slow_modes))
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
     return args
 
 
@@ -589,12 +493,14 @@ def render(args: argparse.Namespace, parts: dict[str, Any], header: dict[str, st
         "## Overhead of AC-ODM on the tiny CPU LM (benchmarks/overhead.py)",
         f"- Command: `{header['command']}` (base config `{config_text}`)",
         f"- Date: {header['date']}; machine: {header['machine']}; revision {header['revision']}",
-        f"- Total wall time {header['wall_s']:.0f} s",
+        f"- Allocator settings of every process that trains (this one, its subprocesses, Ray's workers): "
+        f"{header['allocator']}",
+        f"- Warm-up {args.warmup} untimed steps per loop; {args.rounds} rounds of {args.block} steps per "
+        f"variant; total wall time {header['wall_s']:.0f} s",
         "",
     ]
     if "steps" in parts:
         rows, extra = parts["steps"]
-        rt = extra["round_trip"]
         out += [
             f"Step time, variants interleaved in one process ({extra['load']}):",
             "",
@@ -604,50 +510,75 @@ def render(args: argparse.Namespace, parts: dict[str, Any], header: dict[str, st
                     "wall ms min / median / max",
                     "wall median / static",
                     "wall median / exact (probe only)",
-                    "agent on rank 0 ms (median)",
-                    "agent share of step",
+                    "agent on rank 0 ms min / median / max",
+                    "agent share of step min / median / max",
                     "trainer CPU ms min / median / max",
-                    "agent actor CPU ms per step",
-                    "CPU (trainer + actor) / static",
+                    "learner actor CPU ms per step",
+                    "CPU (trainer + learner) / static",
                     "probe state",
                     "steps",
                 ],
                 rows,
             ),
             "",
-            "- Agent on rank 0 = the step's `act` + `observe` + `update` calls (what the run loop records "
-            "as `time/agent_s`); its share is median agent time / median wall. Wall / exact is what the "
-            "agent adds on top of the probe (the target: under 1%), but on a shared machine load can move "
-            "step times by more than the agent's few ms; the rank-0 share is the steadier measure.",
+            "- Agent on rank 0 = the step's `act` + `Transition` + `observe` + `update` calls (what the run "
+            "loop records as `time/agent_s`); its share is `agent_s` / wall of the same step (min / median "
+            "/ max over the steps). Wall / exact is what the agent adds on top of the probe, but on a shared "
+            "machine load moves step times by more than the agent's share; the rank-0 share is the "
+            "steadier measure (target: under 1%).",
         ]
         for name, a in extra["agents"].items():
-            stats = a["stats"]
-            per_update = stats.get("update_s", 0.0) / max(stats.get("updates_done", 0.0), 1.0)
-            if stats.get("local_acting"):  # the actor learns inline: nothing pends there
-                behind = f"{stats.get('policy_lag', 0):.0f} transitions not yet in the acting copy at the end"
-            else:
-                behind = f"{stats.get('pending', 0):.0f} updates pending in the actor at the end"
+            s = a["summary"]
             out.append(
-                f"- {VARIANT_LABELS[name]}: adds {a['wall_vs_exact'] - 1:+.1%} wall "
-                f"({a['cpu_vs_exact'] - 1:+.1%} CPU, trainer + actor) to the probe-only step; the agent "
-                f"took {a['agent'].median * 1e3:.2f} ms median ({a['agent'].max * 1e3:.1f} ms max) of rank "
-                f"0's step = {a['agent_share']:.2%}, of which `act` {a['act'].median * 1e3:.2f} ms median "
-                f"({a['act'].max * 1e3:.1f} ms max); the actor ran {stats.get('updates_done', 0):.0f} "
-                f"updates for {stats.get('observed', 0):.0f} transitions ({per_update * 1e3:.1f} ms wall "
-                f"each on average, warm-up included); the policy acting lagged by at most "
-                f"{stats.get('max_policy_lag', 0):.0f} transition(s); {behind}."
-            )
-        timings, notes = rt
-        if timings:
-            out.append(
-                f"- Agent calls on rank 0 (ms, min / median / max over {args.act_repeats} turns): "
-                + "; ".join(
-                    f"{name} {s.min * 1e3:.3f} / {s.median * 1e3:.3f} / {s.max * 1e3:.3f} (n={s.n})"
-                    for name, s in timings.items()
-                )
-                + (f". {notes}" if notes else "")
+                f"- {VARIANT_LABELS[name]}: the agent took {_ms3(a['agent'], 2)} ms (min / median / max) of "
+                f"rank 0's step, {_pct3(a['share'])} of it per step ({a['share_of_medians']:.2%} as median "
+                f"agent time / median wall); `act` {_ms3(a['act'], 2)} ms ({a['act_split']}), "
+                f"`Transition` + `observe` + `update` {_ms3(a['observe_update'], 2)} ms. The wall median is {a['wall_vs_exact']:.3f}x "
+                f"the probe-only loop's ({a['cpu_vs_exact']:.3f}x in CPU, trainer + learner). The learner "
+                f"used {a['learner_cpu'] * 1e3:.1f} ms of CPU per step in its own process; rank 0 took in "
+                f"{s['taken']:.0f} of its updates over {a['wall'].n} steps, with a policy lag of at most "
+                f"{s['max_policy_lag']:.0f} transition(s) (learner restarts: {s['restarts']:.0f}); waiting "
+                f"for it to take the last transition after the timed steps took {a['catch_up'] * 1e3:.0f} ms."
             )
         out.append("")
+    if "slow" in parts:
+        rows, extra = parts["slow"]
+        out += [
+            f"An agent slower than the LM: AC-ODM with updates_per_step = {extra['updates']}, taking turns "
+            f"in blocks with the probe-only loop; after each AC-ODM block the script waits (untimed) for the "
+            f"learner to catch up ({extra['load']}):",
+            "",
+            markdown_table(
+                [
+                    "loop",
+                    "act ms median / max",
+                    "agent on rank 0 ms median / max",
+                    "agent share of step min / median / max",
+                    "step wall ms median / max",
+                    "step wall / exact",
+                    "learner CPU ms per step",
+                    "learner catch-up after a block s median / max",
+                    "max policy lag",
+                    "updates taken in",
+                    "steps",
+                ],
+                rows,
+            ),
+            "",
+            f"- The learner's CPU time per step was {extra['learner_per_wall']:.2f}x the AC-ODM loop's "
+            f"median step wall time ({extra['num_updates']:.0f} gradient updates done by the newest update "
+            f"taken in): "
+            + (
+                "each step's update outlasts an LM step."
+                if extra["learner_per_wall"] > 1
+                else "each step's update did NOT outlast an LM step here (raise --slow-updates)."
+            )
+            + f" `act` by kind: {extra['act_split']}. `act` does not wait for an update (a non-blocking "
+            f"`ray.wait`, then a forward pass of the local copy); the policy it acts from lags instead "
+            f"(`agent/policy_lag`: transitions submitted that the acting policy had not learned from when an "
+            f"update was taken in).",
+            "",
+        ]
     if "memory" in parts:
         out += [
             "Peak memory, one fresh process per variant, each with a Ray driver (Linux VmHWM):",
@@ -658,7 +589,7 @@ def render(args: argparse.Namespace, parts: dict[str, Any], header: dict[str, st
                     "peak RSS",
                     "ratio to static",
                     "growth over start-up RSS",
-                    "agent actor peak RSS",
+                    "learner actor peak RSS",
                 ],
                 parts["memory"],
             ),
@@ -685,47 +616,21 @@ def render(args: argparse.Namespace, parts: dict[str, Any], header: dict[str, st
             f"- Ray Train / in-process (mean of the runs' median step times): {summary['ratio']:.3f}; the "
             f"in-process runs differ from each other by {summary['local_spread']:.1%} of their mean, so a "
             f"difference below that is noise.",
-            f"- The loop's own work outside the Pretrainer step (agent actor round trips, weight broadcast, "
-            f"observation, reward, ledger) takes {summary['extra_share']:+.1%} more of each step under Ray "
-            f"Train than in-process (mean over runs of the median share): the part of the overhead that load "
-            f"does not blur (it scales with the step). The Pretrainer step runs the same code on both "
-            f"paths: the in-process runs' spread shows how much its time drifts on this machine.",
-            "",
-        ]
-    if "slow" in parts:
-        rows, extra = parts["slow"]
-        out += [
-            f"An agent slower than the LM: AC-ODM with updates_per_step = {extra['updates']}, the modes "
-            f"taking turns in blocks that each start from a drained agent ({extra['load']}):",
-            "",
-            markdown_table(
-                [
-                    "agent mode",
-                    "act in the loop ms median / max",
-                    "agent on rank 0 ms median / max",
-                    "step wall ms median / max",
-                    "step wall / first row",
-                    "agent actor update ms per step",
-                    "max policy lag",
-                    "steps",
-                ],
-                rows,
-            ),
-            "",
-            "- Agent on rank 0 = `act` + `observe` + `update` per step (`time/agent_s`). Expected: "
-            "asynchronous, `act` stays at its local (or round-trip) cost whatever an update costs; "
-            "ordered, `act` waits for the update of step t-1.",
+            f"- The loop's own work outside the Pretrainer step (mixer calls, weight broadcast, observation, "
+            f"reward, ledger) takes {summary['extra_share']:+.1%} more of each step under Ray Train than "
+            f"in-process (mean over runs of the median share): the part of the overhead that load does not "
+            f"blur (it scales with the step). The Pretrainer step runs the same code on both paths: the "
+            f"in-process runs' spread shows how much its time drifts on this machine.",
             "",
         ]
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the parts, print the tables, optionally append them to RESULTS.md."""
+    """Run the parts, print the tables, optionally append them to a results file."""
     args = parse_args(argv)
-    from ray_jobs.driver import configure_malloc
-
-    configure_malloc()  # this process runs the loops: the malloc settings every training process has
+    # this process runs the loops: the allocator settings every training process has (re-exec if missing)
+    run_with_allocator_env(argv)
     if args.memory_child:
         memory_child(args)
         return 0
@@ -737,14 +642,15 @@ def main(argv: list[str] | None = None) -> int:
         "date": utc_now(),
         "machine": machine_summary(),
         "revision": git_revision(),
+        "allocator": allocator_summary(),
     }
     cfg = base_config(args)
     parts: dict[str, Any] = {}
     if "steps" not in args.skip:
-        log.info("part 1-2: interleaved step times and agent round trips (%s)", format_load())
+        log.info("part 1: interleaved step times (%s)", format_load())
         parts["steps"] = step_times(cfg, args)
     if "slow" not in args.skip:
-        log.info("part 5: an agent slower than the LM, %s (%s)", " / ".join(args.slow_modes), format_load())
+        log.info("part 2: an agent slower than the LM (%s)", format_load())
         parts["slow"] = slow_agent(cfg, args)
     if "memory" not in args.skip:
         log.info("part 3: peak memory per variant (%s)", format_load())
