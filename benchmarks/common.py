@@ -167,18 +167,26 @@ def allocator_summary() -> str:
     return " ".join(f"{name}={os.environ.get(name, 'unset')}" for name in ALLOCATOR_ENV)
 
 
-def ray_init(num_cpus: int | None = None) -> None:
-    """A local Ray for the agent's learner actor, started as ``acodm train`` starts one (workers at the
-    driver's niceness, the allocator settings in the job's runtime environment), without the dashboard
-    (not part of what is measured)."""
+def ray_init(
+    num_cpus: int | None = None, *, include_dashboard: bool = False, log_to_driver: bool = False
+) -> None:
+    """A new local Ray, started as ``ray_jobs.cluster.connect`` starts one for ``acodm train`` (workers
+    at the driver's niceness, the allocator settings in the job's runtime environment); by default
+    without the dashboard and the workers' log lines (not part of what is measured).
+
+    ``address="local"`` always starts a Ray of this process's own: without it ``ray.init`` joins any
+    Ray already running on the machine (another user's, found through ``/tmp/ray/ray_current_cluster``).
+    ``connect`` reuses a Ray initialised here.
+    """
     import ray
 
     from ray_jobs.cluster import job_runtime_env, local_num_cpus, local_system_config
 
     ray.init(
+        address="local",
         num_cpus=num_cpus or local_num_cpus(),
-        include_dashboard=False,
-        log_to_driver=False,
+        include_dashboard=include_dashboard,
+        log_to_driver=log_to_driver,
         configure_logging=False,
         _node_ip_address="127.0.0.1",
         _system_config=local_system_config() or None,

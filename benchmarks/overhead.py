@@ -29,7 +29,8 @@ without waiting (non-blocking ``ray.wait``) and submits each transition to the l
 4. **In-process loop vs 1-worker Ray Train** (``run_local`` and ``run_train`` alternating, starting and
    ending in-process, same config, static uniform mixer): median wall seconds per step from the ledgers'
    ``wall_time`` (evaluation and checkpoint steps excluded), and the ratio of Ray Train to the mean of
-   the in-process runs; Ray Train's fixed start-up and tear-down time is reported apart.
+   the in-process runs; Ray Train's fixed start-up and tear-down time (starting and stopping the local
+   Ray included) is reported apart.
 
 The script re-executes itself with the allocator settings of a training process
 (``ray_jobs.allocator.ALLOCATOR_ENV``) and gives its local Ray the same settings through the job's
@@ -374,6 +375,7 @@ def ledger_step_times(run_dir: Path) -> tuple[list[float], list[float]]:
 def train_overhead(args: argparse.Namespace) -> tuple[list[list[str]], dict[str, Any]]:
     """In-process and 1-worker Ray Train runs alternating (local, Ray, local, ...); rows and a summary."""
     import pandas as pd
+    import ray
 
     from ray_jobs.driver import run_local
     from ray_jobs.train import run_train
@@ -406,7 +408,16 @@ def train_overhead(args: argparse.Namespace) -> tuple[list[list[str]], dict[str,
                 args.config, [*common_set, f"name=run{i}", f"ray.enabled={str(ray_enabled).lower()}"]
             )
             start = time.perf_counter()
-            (run_train if ray_enabled else run_local)(cfg)
+            if ray_enabled:
+                # A Ray of this process's own, started as `connect` would start it (which then reuses
+                # it): `connect` itself would join any other Ray running on the machine.
+                ray_init(include_dashboard=True, log_to_driver=True)
+                try:
+                    run_train(cfg)
+                finally:
+                    ray.shutdown()
+            else:
+                run_local(cfg)
             total = time.perf_counter() - start
             walls, outside = ledger_step_times(cfg.run_dir)
             s, o = TimeSummary.of(walls), TimeSummary.of(outside)
