@@ -175,7 +175,7 @@ def ray_init(
     without the dashboard and the workers' log lines (not part of what is measured).
 
     ``address="local"`` always starts a Ray of this process's own: without it ``ray.init`` joins any
-    Ray already running on the machine (another user's, found through ``/tmp/ray/ray_current_cluster``).
+    Ray already running on the machine (another user's: Ray records the newest local instance's address).
     ``connect`` reuses a Ray initialised here.
     """
     import ray

@@ -14,7 +14,7 @@ without waiting (non-blocking ``ray.wait``) and submits each transition to the l
    ratio of medians to the static variant and, for AC-ODM, to ``exact`` (what the agent adds on top of
    the probe); the agent's time on rank 0 per step (``act`` + building the ``Transition`` + ``observe``
    + ``update``, the run loop's ``time/agent_s``) and its share of the step (``agent_s`` / wall, per
-   step: min / median / max), the measure that machine load does not blur; this process's CPU time and
+   step: min / median / max), the steadier measure on a loaded machine; this process's CPU time and
    the learner's CPU time per step; the policy lag of the updates taken in.
 2. **An agent slower than the LM** (``slow`` part): AC-ODM with ``updates_per_step`` raised
    (``--slow-updates``, default 200) so that each step's update outlasts an LM step, taking turns in
@@ -38,8 +38,9 @@ runtime environment, as ``acodm train`` does. The machine this runs on may be sh
 is printed with the numbers.
 
 Usage: ``.venv/bin/python benchmarks/overhead.py [--rounds 4] [--block 4] [--train-steps 40]
-[--skip steps slow memory train] [--results FILE]`` (``--results`` appends the section to FILE; smoke
-test: ``--rounds 1 --block 2 --warmup 2 --slow-updates 20 --skip memory train``).
+[--skip steps slow memory train] [--results FILE]`` (about 5 minutes on 2 shared cores with the
+defaults; ``--results`` appends the section to FILE; smoke test:
+``--rounds 1 --block 2 --warmup 2 --slow-updates 20 --skip memory train``).
 """
 
 from __future__ import annotations
