@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from agents import ActorCriticMixer, AgentConfig, build_mixer
+from agents import ActorCriticMixer, AgentConfig, Transition, build_mixer
 
 SIZES = {
     # name: (K, L, width, layers, num_critics)
@@ -89,7 +89,7 @@ def agent_times(name: str, repeats: int) -> dict[str, float]:
     rng = np.random.default_rng(0)
     obs = rng.normal(size=s).astype(np.float32)
     for _ in range(256):  # a replay buffer with some content
-        mixer.observe(obs, mixer.act(obs), 0.0, obs, {"reward_parts_K": rng.normal(size=k)})
+        mixer.observe(Transition(obs, mixer.act(obs), 0.0, rng.normal(size=k), obs))
     mixer.update_credit = 0.0
 
     def update() -> None:
