@@ -159,13 +159,22 @@ class GreedyMixer(BaseMixer):
         self.seen_KK = np.zeros((k, k), dtype=bool)
         self.target_K = np.ones(k, dtype=bool)
         self.weights_K = np.full(k, 1.0 / k)
+        self.stale = False  # observed since the last solve: the mixture is solved when next read
         self.num_updates = 0
         self.objective_value = math.nan
 
     def act(self, obs: np.ndarray, *, explore: bool = True) -> np.ndarray:
         """The current greedy mixture (deterministic; ``explore`` is ignored)."""
         self._check_obs(obs)
-        return self._finish(self.weights_K)
+        return self._finish(self._solved())
+
+    def _solved(self) -> np.ndarray:
+        """The mixture, solved for the Gram matrix observed so far. Solving waits until the mixture is
+        read, so a mixer whose mixture nobody reads (AC-ODM's teacher after its warm-up, on the acting
+        copy) does no solver work; the solves that do run see the same starting points as eager ones."""
+        if self.stale:
+            self.weights_K, self.stale = self.solve(), False
+        return self.weights_K
 
     def observe(self, transition: Transition) -> None:
         """Fold the step's Gram matrix into the moving average and solve for the next mixture."""
@@ -181,7 +190,7 @@ class GreedyMixer(BaseMixer):
         self.gram_KK[old] = beta * self.gram_KK[old] + (1.0 - beta) * gram_KK[old]
         self.seen_KK |= both
         self.num_updates += 1
-        self.weights_K = self.solve()
+        self.stale = True
 
     def solve(self) -> np.ndarray:
         """The mixture that maximises the configured objective on the smoothed Gram matrix; the current
@@ -205,6 +214,7 @@ class GreedyMixer(BaseMixer):
 
     def update(self) -> dict[str, float]:
         """Diagnostics only (the mixer learned in ``observe``)."""
+        self._solved()
         return {
             "agent/num_updates": float(self.num_updates),
             "agent/objective": float(self.objective_value),
@@ -213,6 +223,7 @@ class GreedyMixer(BaseMixer):
 
     def state_dict(self) -> dict[str, Any]:
         """The smoothed Gram matrix, what has been seen, the targets and the current mixture."""
+        self._solved()
         return {
             **self._header(),
             "gram_KK": torch.tensor(self.gram_KK, dtype=torch.float64),

@@ -36,6 +36,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import ray
+import torch
 
 from agents.base import Transition, build_mixer
 from ray_jobs.cluster import ray_options
@@ -155,7 +156,8 @@ class Learner:
                 return
 
     def _publish(self, metrics: dict[str, float]) -> None:
-        policy = {name: t.detach().to("cpu", copy=True) for name, t in self._mixer.policy.state_dict().items()}
+        # numpy arrays: Ray hands them back without unpickling a tensor per entry
+        policy = {name: t.detach().to("cpu").numpy().copy() for name, t in self._mixer.policy.state_dict().items()}
         with self._published:
             self._version += 1
             self._policy, self._metrics = policy, metrics
@@ -290,7 +292,7 @@ class ActingMixer:
         except ray.exceptions.RayActorError as exc:
             self._recover(exc)  # the copy keeps acting from the policy it has
             return
-        self.copy.policy.load_state_dict(reply["policy"])
+        self.copy.policy.load_state_dict({name: torch.tensor(array) for name, array in reply["policy"].items()})
         self._learned, self._metrics = reply["learned"], dict(reply["metrics"])
         self._reply = self.learner.next_policy.remote(reply["version"])
 

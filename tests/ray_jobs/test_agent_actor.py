@@ -68,7 +68,7 @@ def test_learner_takes_transitions_in_order_and_publishes_its_policy(one_torch_t
     expected = build_mixer(CFG, OBS_SPACE, ACT_SPACE, **KWARGS)
     expected.load_state_dict(learner.state_dict(12))
     for name, tensor in expected.policy.state_dict().items():
-        assert torch.equal(reply["policy"][name], tensor), name
+        assert torch.equal(torch.tensor(reply["policy"][name]), tensor), name
     assert "agent/critic_loss" in reply["metrics"]
     assert learner.next_policy(reply["version"], timeout_s=0.05) is None  # nothing newer
 
