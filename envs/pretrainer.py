@@ -41,8 +41,9 @@ from envs.config import EvalConfig, LMConfig, OptimConfig, SamplerConfig
 from envs.model import autocast_dtype, build_model, model_config, resolve_device
 from envs.sampler import DomainSampler
 from envs.signals import StepObserver, TrainSignals
+from envs.validation import validation_metrics
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _PHASES = ("data", "forward_backward", "probe", "optimizer")
@@ -381,7 +382,7 @@ class Pretrainer:
         if skipped:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
-            logger.warning(
+            log.warning(
                 "step %d: non-finite loss %s or grad norm %s; update skipped (%d in a row, %d in total)",
                 self.step + 1,
                 step_loss,
@@ -443,17 +444,7 @@ class Pretrainer:
             dist.all_reduce(stats_2K)
         self.model.train(was_training)
         loss_sum_K, tokens_K = stats_2K.cpu().numpy()
-        loss_K = loss_sum_K / tokens_K
-        ppl_K = np.exp(loss_K)
-        out: dict[str, float] = {}
-        for name, loss, ppl in zip(self.domain_names, loss_K, ppl_K, strict=True):
-            out[f"val/loss/{name}"] = float(loss)
-            out[f"val/ppl/{name}"] = float(ppl)
-        t = self.target_mask_K
-        out["val/mean_ppl"] = float(ppl_K[t].mean())
-        out["val/weighted_ppl"] = float(np.exp(loss_sum_K[t].sum() / tokens_K[t].sum()))
-        out["val/geo_mean_ppl"] = float(np.exp(loss_K[t].mean()))
-        return out
+        return validation_metrics(self.domain_names, loss_sum_K, tokens_K, self.target_mask_K)
 
     # ------------------------------------------------------------------------------ state
     def _header(self) -> dict[str, Any]:

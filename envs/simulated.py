@@ -42,6 +42,7 @@ from pydantic import Field, model_validator
 
 from envs.config import StrictModel
 from envs.signals import TrainSignals
+from envs.validation import validation_metrics
 
 
 class SimulatedDomain(StrictModel):
@@ -324,16 +325,8 @@ class SimulatedBackend:
     def evaluate(self) -> dict[str, float]:
         """Noise-free validation: ``val/loss|ppl/<domain>`` and the target summaries (as ``Pretrainer``)."""
         loss_K = self.expected_loss()
-        ppl_K = np.exp(loss_K)
-        out: dict[str, float] = {}
-        for name, loss, ppl in zip(self.domain_names, loss_K, ppl_K, strict=True):
-            out[f"val/loss/{name}"] = float(loss)
-            out[f"val/ppl/{name}"] = float(ppl)
-        t = self.target_mask_K
-        out["val/mean_ppl"] = float(ppl_K[t].mean())
-        out["val/weighted_ppl"] = float(np.exp(loss_K[t].mean()))  # equal validation tokens per domain
-        out["val/geo_mean_ppl"] = float(np.exp(loss_K[t].mean()))
-        return out
+        # equal validation tokens per domain: weighted_ppl is the geometric mean
+        return validation_metrics(self.domain_names, loss_K, np.ones_like(loss_K), self.target_mask_K)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values (lists, ints, the noise generator's state) for exact resume."""

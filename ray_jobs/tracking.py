@@ -3,10 +3,13 @@
 Pure code returns metric dicts; the run loop hands them to a sink. Only rank 0 tracks: ``make_sink``
 gives every other rank (and ``tracking.enabled: false``) a ``NullSink``.
 
-``MLflowSink`` never makes the training step wait: ``log_metrics`` validates and enqueues, and a
-background thread sends whatever has accumulated with one ``MlflowClient.log_batch`` per chunk of up
-to 1000 metrics (retrying transient failures). Params and tags are sent at once (so a bad tracking URI
-fails at the start of a run, not at its end), artifacts too.
+``MLflowSink`` never makes the training step wait: ``log_metrics`` validates and hands the batch to
+MLflow's own asynchronous logging (``MlflowClient.log_batch(..., synchronous=False)``: MLflow's queue
+and worker threads write it; an HTTP store retries transient failures itself), and ``close`` waits for
+every batch (``RunOperations.wait``) before it sets the run's status. MLflow writes each batch with one
+store call; set ``MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS`` to have it merge the batches queued over
+that many seconds into fewer calls. Params and tags are sent at once (so a bad tracking URI fails at the
+start of a run, not at its end), artifacts too.
 
 Paths are made absolute before anything is logged, because Ray Train workers and Tune trials change
 directory: the default store is ``sqlite:////<abs output_dir>/mlflow.db`` and experiments created
@@ -25,9 +28,9 @@ import logging
 import os
 import re
 import subprocess
-import threading
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -41,10 +44,8 @@ RUN_ID_FILE = "mlflow_run.json"
 PARENT_TAG = "mlflow.parentRunId"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 MANIFEST_TAG = "acodm.manifest_hash"
-MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_TAGS_PER_BATCH = 100
-MAX_QUEUED_METRICS = 500_000
-SEND_RETRIES = 3
+MAX_TRACKED_BATCHES = 10_000  # metric batches whose outcome close() still checks
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # what MLflow accepts in metric/param names
 
 
@@ -322,7 +323,7 @@ def default_tags(cfg: ExperimentConfig) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------- MLflow
 class MLflowSink:
-    """One MLflow run; metrics go through a background thread in ``log_batch`` calls.
+    """One MLflow run; metrics go through MLflow's own asynchronous logging.
 
     Args:
         tracking_uri: where to log (made absolute by ``resolve_tracking_uri`` first).
@@ -355,7 +356,6 @@ class MLflowSink:
 
         self.tracking_uri = tracking_uri
         self._client = MlflowClient(tracking_uri=tracking_uri)
-        self._client_lock = threading.Lock()  # one store call at a time (sqlite dislikes parallel writers)
         if run_id is not None:
             try:
                 run = self._client.get_run(run_id)
@@ -375,14 +375,11 @@ class MLflowSink:
         self.run_id: str | None = run.info.run_id
         self.experiment_id = run.info.experiment_id
         self.run_name = run.info.run_name
-        self._queue: list[Any] = []
-        self._sending = 0  # metrics taken from the queue and not yet sent
-        self._dropped = 0
-        self._cond = threading.Condition()
-        self._closing = False
+        # MLflow's futures for the metric batches not yet waited for; the oldest are forgotten beyond
+        # the bound (MLflow itself logs every batch that fails at ERROR), so memory stays bounded.
+        self._pending: deque[Any] = deque(maxlen=MAX_TRACKED_BATCHES)
+        self.failed_batches = 0
         self.status: str | None = None
-        self._thread = threading.Thread(target=self._send_loop, name=f"mlflow-{self.run_id[:8]}", daemon=True)
-        self._thread.start()
 
     # -- MetricsSink -----------------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -392,32 +389,25 @@ class MLflowSink:
         self._check_open()
         strings = params_to_strings(params)
         if self.resumed:
-            with self._client_lock:
-                existing = self._client.get_run(self.run_id).data.params
+            existing = self._client.get_run(self.run_id).data.params
             changed = sorted(k for k, v in strings.items() if k in existing and existing[k] != v)
             if changed:
                 log.warning("resumed MLflow run keeps its original values of params %s", changed)
             strings = {k: v for k, v in strings.items() if k not in existing}
         items = [Param(k, v) for k, v in strings.items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            with self._client_lock:
-                self._client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+            self._client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Validate and enqueue; the background thread sends them (never blocks on the store)."""
+        """Validate and hand the metrics to MLflow's asynchronous queue (never waits for the store)."""
         from mlflow.entities import Metric
 
         self._check_open()
         step = _check_step(step)
         now_ms = int(time.time() * 1000)
         batch = [Metric(mlflow_key(k), v, now_ms, step) for k, v in _float_metrics(metrics).items()]
-        with self._cond:
-            self._queue.extend(batch)
-            overflow = len(self._queue) - MAX_QUEUED_METRICS
-            if overflow > 0:  # the store has been unreachable for a long time: keep the newest
-                del self._queue[:overflow]
-                self._dropped += overflow
-            self._cond.notify_all()
+        if batch:
+            self._pending.append(self._client.log_batch(self.run_id, metrics=batch, synchronous=False))
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Upload a file or a directory's contents now."""
@@ -425,11 +415,10 @@ class MLflowSink:
         local = Path(path)
         if not local.exists():
             raise FileNotFoundError(f"artifact {os.fspath(path)!r} does not exist")
-        with self._client_lock:
-            if local.is_dir():
-                self._client.log_artifacts(self.run_id, str(local), artifact_path)
-            else:
-                self._client.log_artifact(self.run_id, str(local), artifact_path)
+        if local.is_dir():
+            self._client.log_artifacts(self.run_id, str(local), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(local), artifact_path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Send tags now, in batches of 100."""
@@ -438,30 +427,40 @@ class MLflowSink:
         self._check_open()
         items = [RunTag(str(k), str(v)) for k, v in tags.items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            with self._client_lock:
-                self._client.log_batch(self.run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+            self._client.log_batch(self.run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
-    def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until every queued metric was sent (or dropped); False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and self._sending == 0, timeout_s)
+    def flush(self) -> int:
+        """Wait until every metric batch logged so far is written or has failed.
+
+        Returns:
+            How many of those batches failed (also added to ``failed_batches``); each failure was
+            logged at ERROR by MLflow when it happened.
+        """
+        from mlflow.exceptions import MlflowException
+
+        failed = 0
+        while self._pending:
+            try:
+                self._pending.popleft().wait()
+            except MlflowException:
+                failed += 1
+        self.failed_batches += failed
+        return failed
 
     def close(self, status: str = "FINISHED") -> None:
-        """Flush the metrics, stop the thread and set the run's final status (idempotent)."""
+        """Flush the metrics and set the run's final status (idempotent)."""
         _check_status(status)
         if self.status is not None:
             return
         self.flush()
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        self._thread.join()
-        if self._dropped:
+        if self.failed_batches:
             log.error(
-                "%d metrics of MLflow run %s could not be sent and were dropped", self._dropped, self.run_id
+                "%d metric batches of MLflow run %s could not be written to %s and are missing from it",
+                self.failed_batches,
+                self.run_id,
+                self.tracking_uri,
             )
-        with self._client_lock:
-            self._client.set_terminated(self.run_id, status)
+        self._client.set_terminated(self.run_id, status)
         self.status = status
 
     def __enter__(self) -> MLflowSink:
@@ -473,38 +472,9 @@ class MLflowSink:
         else:
             self.close("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
 
-    # -- background sending ----------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self.status is not None:
             raise RuntimeError(f"MLflow run {self.run_id} is closed ({self.status})")
-
-    def _send_loop(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closing)
-                if not self._queue:
-                    return
-                batch, self._queue = self._queue, []
-                self._sending = len(batch)
-            for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-                self._send(batch[i : i + MAX_METRICS_PER_BATCH])
-            with self._cond:
-                self._sending = 0
-                self._cond.notify_all()
-
-    def _send(self, chunk: list[Any]) -> None:
-        for attempt in range(SEND_RETRIES):
-            try:
-                with self._client_lock:
-                    self._client.log_batch(self.run_id, metrics=chunk)
-                return
-            except Exception as exc:  # a store hiccup must not kill the training run
-                if attempt == SEND_RETRIES - 1:
-                    log.error("dropping %d metrics for MLflow run %s: %s", len(chunk), self.run_id, exc)
-                    with self._cond:
-                        self._dropped += len(chunk)
-                    return
-                time.sleep(0.5 * 2**attempt)
 
 
 def _read_run_id(run_dir: Path, tracking_uri: str) -> str | None:

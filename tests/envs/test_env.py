@@ -230,29 +230,67 @@ def test_random_agent_runs_50_steps():
     env.close()
 
 
+def mean_episode_reward(env: gym.Env, policy, seeds: list[int]) -> tuple[float, np.ndarray]:
+    """Mean per-step reward of ``policy(obs)`` over one episode per seed, and the last mixture played."""
+    rewards = []
+    for seed in seeds:
+        obs, _ = env.reset(seed=seed)
+        truncated = False
+        while not truncated:
+            obs, reward, _, truncated, info = env.step(policy(obs))
+            rewards.append(reward)
+    return float(np.mean(rewards)), info["weights_K"]
+
+
 @pytest.mark.slow
-def test_td3_agent_runs_50_steps():
-    sb3 = pytest.importorskip("stable_baselines3")
+def test_td3_from_stable_baselines3_learns_the_best_mixture():
+    """A Gymnasium client learns on the env (SB3's identity-env test, on our env): with the ``mixture``
+    reward ``<w, s>`` (s: z-scored alignment scores, which rank the hub domain first and junk last),
+    uniform and random mixtures earn about 0 and the best mixture is the hub's vertex. After 1000 steps
+    TD3's deterministic policy must earn far more than uniform, random actions and its own untrained
+    self, with the hub among its largest weights and junk at none."""
+    import stable_baselines3 as sb3
     import torch
 
     torch.set_num_threads(1)
-    env = gym.make(ENV_ID)
+
+    def make() -> gym.Env:
+        return gym.make(
+            ENV_ID, simulated=SimulatedConfig(total_steps=50), env_config=EnvConfig(reward_mode="mixture")
+        )
+
+    env, evaluation = make(), make()
+    names = env.unwrapped.domain_names
+    hub, junk = names.index("wiki"), names.index("junk")
     model = sb3.TD3(
         "MlpPolicy",
         env,
-        learning_starts=10,
-        batch_size=16,
+        learning_starts=100,
+        batch_size=64,
         train_freq=1,
         gradient_steps=1,
-        policy_kwargs={"net_arch": [32, 32]},
+        policy_kwargs={"net_arch": [64, 64]},
         seed=0,
         device="cpu",
     )
-    model.learn(total_timesteps=50)
-    assert model.num_timesteps == 50
-    action, _ = model.predict(env.reset(seed=1)[0], deterministic=True)
-    assert env.action_space.contains(action)
+    seeds = [100, 101, 102]
+
+    def deterministic(obs):
+        return model.predict(obs, deterministic=True)[0]
+
+    untrained, _ = mean_episode_reward(evaluation, deterministic, seeds)
+    uniform, _ = mean_episode_reward(evaluation, lambda obs: np.full(len(names), 0.2, np.float32), seeds)
+    rng = np.random.default_rng(0)
+    random, _ = mean_episode_reward(evaluation, lambda obs: rng.uniform(0, 1, len(names)), seeds)
+    model.learn(total_timesteps=1000)
+    assert model.num_timesteps == 1000
+    trained, weights_K = mean_episode_reward(evaluation, deterministic, seeds)
+
+    assert abs(uniform) < 0.1 and abs(random) < 0.1 and abs(untrained) < 0.1  # z-scores average out
+    assert trained > max(uniform, random, untrained) + 0.4
+    assert weights_K[hub] >= weights_K.max() - 1e-6 and weights_K[junk] < 0.05
     env.close()
+    evaluation.close()
 
 
 # ------------------------------------------------------------------------------------ LM backend

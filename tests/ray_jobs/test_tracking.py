@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import sqlite3
 import time
 from pathlib import Path
 
@@ -142,46 +144,69 @@ def test_sqlite_run_reads_back_with_mlflow(sqlite_root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_log_metrics_never_waits_for_the_store(sqlite_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = tiny_config(sqlite_root, name="slow-store", tracking={"experiment_name": "unit"})
+def test_log_metrics_never_waits_for_the_store(sqlite_root: Path) -> None:
+    """A store that cannot be written (another connection holds SQLite's exclusive lock) does not stop
+    log_metrics: had it written synchronously, it would wait for the lock (MLflow's busy timeout,
+    20 s) and then fail with "database is locked"."""
+    cfg = tiny_config(sqlite_root, name="busy-store", tracking={"experiment_name": "unit"})
     sink = make_sink(cfg, rank=0, log_params=False)
-    real_log_batch = sink._client.log_batch
-    calls = []
-
-    def slow_log_batch(run_id, metrics=(), params=(), tags=()):
-        calls.append(len(metrics))
-        time.sleep(1.0)  # a slow store (remote server, busy sqlite)
-        return real_log_batch(run_id, metrics=metrics, params=params, tags=tags)
-
-    monkeypatch.setattr(sink._client, "log_batch", slow_log_batch)
-    start = time.monotonic()
-    for step in range(200):
-        sink.log_metrics({f"m/{i}": float(step + i) for i in range(10)}, step=step)
-    assert time.monotonic() - start < 0.9  # 200 calls, less than one store round trip (1 s) in all
-    sink.close()
-    assert sum(calls) == 2000 and len(calls) < 20  # coalesced into a few log_batch calls
-    history = _read(sink.tracking_uri).get_metric_history(sink.run_id, "m/3")
-    assert [m.value for m in history] == [float(s + 3) for s in range(200)]
+    db = sqlite3.connect(sqlite_root / "mlflow.db", isolation_level=None)
+    try:
+        db.execute("BEGIN EXCLUSIVE")  # nobody else can read or write the store now
+        for step in range(200):
+            sink.log_metrics({f"m/{i}": float(step + i) for i in range(10)}, step=step)
+        written = db.execute("SELECT COUNT(*) FROM metrics WHERE run_uuid = ?", (sink.run_id,)).fetchone()
+        assert written == (0,)  # all 200 calls returned while none of their metrics could be written
+    finally:
+        db.execute("COMMIT")
+        db.close()
+    sink.close()  # waits for MLflow's queue
+    client = _read(sink.tracking_uri)
+    history = client.get_metric_history(sink.run_id, "m/3")
+    assert [(m.step, m.value) for m in history] == [(s, float(s + 3)) for s in range(200)]
+    assert client.get_run(sink.run_id).info.status == "FINISHED" and sink.failed_batches == 0
 
 
 @pytest.mark.slow
-def test_failed_sends_are_dropped_and_the_run_still_closes(
-    sqlite_root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(tracking, "SEND_RETRIES", 1)
+def test_async_metrics_all_arrive_after_close(tmp_path: Path) -> None:
+    """Everything logged asynchronously is in the store once close() returns: many small batches, one
+    batch larger than MLflow's 1000 metrics per call, and a NaN (e.g. an agent metric not defined yet)."""
+    sink = make_sink(tiny_config(tmp_path, name="async", tracking={"experiment_name": "unit"}), rank=0)
+    keys = [f"dom/{d}/loss" for d in range(20)]
+    for step in range(1, 151):
+        sink.log_metrics({k: step + i / 100 for i, k in enumerate(keys)}, step=step)
+    sink.log_metrics({f"wide/{j}": float(j) for j in range(2500)}, step=151)
+    sink.log_metrics({"agent/kl_to_prior": float("nan")}, step=151)
+    sink.close()
+
+    client = _read(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for i, key in enumerate(keys):
+        history = client.get_metric_history(sink.run_id, key)
+        assert [(m.step, m.value) for m in history] == [(s, s + i / 100) for s in range(1, 151)], key
+    run = client.get_run(sink.run_id)
+    assert {k: v for k, v in run.data.metrics.items() if k.startswith("wide/")} == {
+        f"wide/{j}": float(j) for j in range(2500)
+    }
+    assert math.isnan(run.data.metrics["agent/kl_to_prior"])
+    assert run.info.status == "FINISHED" and sink.failed_batches == 0
+
+
+@pytest.mark.slow
+def test_failed_writes_are_counted_and_the_run_still_closes(sqlite_root: Path) -> None:
+    """A batch the store rejects (here: the run was deleted meanwhile) is counted, not raised into the
+    training step; the batches after it still arrive and close() sets the status."""
     sink = make_sink(tiny_config(sqlite_root, name="broken", tracking={"experiment_name": "unit"}), rank=0)
-
-    def broken(*args, **kwargs):
-        raise OSError("store down")
-
-    real = sink._client.log_batch
-    monkeypatch.setattr(sink._client, "log_batch", broken)
-    sink.log_metrics({"x": 1.0}, step=1)
-    assert sink.flush(timeout_s=10)
-    assert sink._dropped == 1
-    monkeypatch.setattr(sink._client, "log_batch", real)
+    client = _read(sink.tracking_uri)
+    client.delete_run(sink.run_id)
+    sink.log_metrics({"x": 1.0}, step=1)  # returns at once; the store rejects it in MLflow's thread
+    assert sink.flush() == 1 and sink.failed_batches == 1
+    client.restore_run(sink.run_id)
+    sink.log_metrics({"x": 2.0}, step=2)
     sink.close("FAILED")
-    assert _read(sink.tracking_uri).get_run(sink.run_id).info.status == "FAILED"
+    assert [(m.step, m.value) for m in client.get_metric_history(sink.run_id, "x")] == [(2, 2.0)]
+    assert client.get_run(sink.run_id).info.status == "FAILED" and sink.failed_batches == 1
+    with pytest.raises(RuntimeError, match="is closed"):
+        sink.log_metrics({"x": 3.0}, step=3)
 
 
 @pytest.mark.slow
