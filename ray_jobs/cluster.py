@@ -139,9 +139,9 @@ def local_system_config() -> dict[str, Any]:
 
     Ray starts workers at niceness 15 so that its daemons stay responsive when workers saturate the
     CPUs. Here the workers are the job: at niceness 15 the Ray Train worker yields its core to every
-    other runnable process (Ray's own daemons, the driver, anything else on the machine): on 2 cores
-    with one other busy process, the same training step ran 12% slower in a niceness-15 Ray worker
-    than in-process, and 2% slower at niceness 0 (benchmarks/probe_ray_slowdown/). An explicit ``RAY_worker_niceness`` in the environment wins.
+    other runnable process (Ray's own daemons, the driver, anything else on the machine), which made
+    Ray Train steps measurably slower than in-process on a busy node (benchmarks/RESULTS.md,
+    "Overhead"). An explicit ``RAY_worker_niceness`` in the environment wins.
     A cluster started elsewhere keeps its own setting (``RAY_worker_niceness=0 ray start ...``).
     """
     if WORKER_NICENESS_ENV_VAR in os.environ:
