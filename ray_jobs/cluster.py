@@ -186,6 +186,7 @@ def connect(
         num_cpus = local_num_cpus()
         log.info("starting a local Ray with %d CPUs on 127.0.0.1", num_cpus)
         ray.init(
+            address="local",  # a new Ray of our own, never someone else's already running here
             num_cpus=num_cpus,
             include_dashboard=include_dashboard,
             _node_ip_address="127.0.0.1",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ray_jobs import cluster
-from ray_jobs.allocator import ALLOCATOR_ENV
+from ray_jobs.allocator import ALLOCATOR_ENV, allocator_env
 from ray_jobs.cluster import (
     InsufficientResourcesError,
     check_reachable,
@@ -95,10 +95,12 @@ def test_connect_local_starts_ray_on_all_cpus(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
     with connect(tiny_config(tmp_path)) as address:
         assert address is None
+    assert calls[0]["address"] == "local"  # a Ray of its own, never one already running on the machine
     assert calls[0]["num_cpus"] == cluster.local_num_cpus()
     assert calls[0]["include_dashboard"] is False
     assert calls[0]["_node_ip_address"] == "127.0.0.1"
     assert calls[0]["_system_config"] == {"worker_niceness": 0}  # workers at the driver's priority
+    assert calls[0]["runtime_env"] == {"env_vars": allocator_env()}  # the workers' allocator settings
     assert calls[-1] == "shutdown"
 
 
