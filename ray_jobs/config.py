@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from agents.config import AgentConfig
 from envs.config import (
@@ -29,6 +29,7 @@ from envs.config import (
     StrictModel,
     TrainConfig,
 )
+from envs.paths import check_path_component, describe_missing_file
 
 
 class ConfigError(ValueError):
@@ -109,7 +110,7 @@ class TuneConfig(StrictModel):
 class ExperimentConfig(StrictModel):
     """A whole experiment: data, LM, optimiser, env, agent, Ray, tracking, checkpoints, eval, seed."""
 
-    name: str = Field("acodm", min_length=1)
+    name: str = Field("acodm", min_length=1, description="Run name: one path component (the run is <output_dir>/<name>).")
     output_dir: str = Field("runs", description="Run directories are <output_dir>/<name>.")
     seed: int = Field(0, ge=0)
     data: DataConfig
@@ -125,6 +126,11 @@ class ExperimentConfig(StrictModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _single_component(cls, value: str) -> str:
+        return check_path_component(value, "name")
 
     @model_validator(mode="after")
     def _cross_field(self) -> ExperimentConfig:
@@ -233,7 +239,7 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        raise ConfigError(describe_missing_file(p, "config file", "a YAML file"))
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:

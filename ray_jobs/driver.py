@@ -33,6 +33,7 @@ import torch
 
 from ray_jobs.config import ExperimentConfig, save_config
 from ray_jobs.ledger import LEDGER_FILE, Ledger, signals_row
+from ray_jobs.rundir import owns_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ MALLOC_SETTINGS = {
 CKPT_DIR = "checkpoints"
 CKPT_VERSION = 1
 PACKAGE_LOGGERS = ("envs", "agents", "ray_jobs", "analysis")
-RESUME_MAY_DIFFER = ("ray.", "tracking.", "tune.", "proxy.", "checkpoint.keep_last", "train.log_interval")
+RESUME_MAY_DIFFER = ("ray.", "tracking.", "tune.", "proxy.", "checkpoint.keep_last", "train.log_interval",
+                     "data.verify_max_bytes")
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -541,6 +543,7 @@ def configure_malloc() -> bool:
     return applied
 
 
+@owns_run_dir  # one driver per run directory; the corpus checked and recorded (ray_jobs/rundir.py)
 def run_local(
     cfg: ExperimentConfig,
     resume: Path | None = None,
