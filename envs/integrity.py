@@ -295,11 +295,13 @@ def verify_shards(
     for i in order:
         domain, split, shard = records[i]
         if sha256_file(corpus.prepared_dir / shard["file"]) != shard["sha256"]:
-            bad.append(f"shard {corpus.prepared_dir / shard['file']} (domain {domain!r}, {split})")
+            bad.append(
+                f"shard {corpus.prepared_dir / shard['file']} does not match the sha256 in the manifest "
+                f"(domain {domain!r}, {split})"
+            )
     if bad:
         raise ValueError(
-            f"{'; '.join(bad)}: does not match the sha256 in the manifest "
-            f"({corpus.prepared_dir / 'manifest.json'}); the file was changed after preparation: "
+            f"{'; '.join(bad)}: changed after preparation ({corpus.prepared_dir / 'manifest.json'}); "
             f"{REPREPARE} to repair it"
         )
     return VerifyReport(
