@@ -243,9 +243,10 @@ class VerifyReport:
 
     def summary(self) -> str:
         """One line for the log."""
+        scale, unit = (1e6, "MB") if self.bytes_total >= 1e5 else (1e3, "kB")
         return (
             f"{self.mode} shard check: {self.shards_checked}/{self.shards_total} shards, "
-            f"{self.bytes_checked / 1e6:.1f}/{self.bytes_total / 1e6:.1f} MB match their sha256"
+            f"{self.bytes_checked / scale:.1f}/{self.bytes_total / scale:.1f} {unit} match their sha256"
         )
 
 
