@@ -48,9 +48,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from envs.config import DataConfig, DomainConfig
+from envs.corpus_guard import CorpusReplaceError, check_settings_kept, check_tokenizer_kept, existing_manifest
 from envs.data import FORMAT_VERSION, MANIFEST_NAME, SPLITS, sha256_file
 from envs.filelock import exclusive_lock
-from envs.integrity import validate_manifest
 from envs.shards import (
     DomainJob,
     JobContext,
@@ -81,70 +81,6 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
     """One preparation per directory at a time (``envs.filelock``: released on any exit, even SIGKILL)."""
     with exclusive_lock(out_dir / LOCK_NAME, what=f"prepared directory {out_dir} (acodm data prepare)"):
         yield
-
-
-class CorpusReplaceError(FileExistsError):
-    """Preparing would replace a different corpus (other domains or tokenizer) that runs may depend on.
-
-    ``differences`` lists what differs; the CLI adds which runs used the directory.
-    """
-
-    def __init__(self, out_dir: Path, differences: list[str]) -> None:
-        self.out_dir = out_dir
-        self.differences = differences
-        super().__init__(
-            f"{out_dir} already holds a prepared corpus that differs from this config: {'; '.join(differences)}. "
-            "Preparing here would replace the data that runs trained on it depend on (a resumed run would "
-            "refuse it). Prepare into another data.prepared_dir, or pass --force (force=True) to replace it"
-        )
-
-
-def _existing_manifest(out_dir: Path) -> dict[str, Any] | None:
-    """The directory's current manifest, or None if there is none or it cannot be read (nothing to protect)."""
-    manifest = read_json(out_dir / MANIFEST_NAME)
-    try:
-        validate_manifest(manifest, str(out_dir / MANIFEST_NAME))
-    except ValueError as exc:
-        if (out_dir / MANIFEST_NAME).exists():
-            log.warning("ignoring the unreadable existing manifest: %s", exc)
-        return None
-    return manifest
-
-
-def _check_settings_kept(existing: dict[str, Any] | None, data_cfg: DataConfig, out_dir: Path) -> None:
-    """Before any work: the domains, and the tokenizer settings that surely change the tokenizer."""
-    if existing is None:
-        return
-    differences = []
-    old = [d["name"] for d in existing["domains"]]
-    if old != data_cfg.domain_names:
-        differences.append(f"its domains are {old}, the config's are {data_cfg.domain_names}")
-    tok, tcfg = existing["tokenizer"], data_cfg.tokenizer
-    if tok.get("trained") is True and tcfg.path is not None:
-        differences.append(f"its tokenizer is a trained BPE, the config gives data.tokenizer.path = {tcfg.path!r}")
-    elif tok.get("trained") is False and tcfg.path is None:
-        differences.append(f"its tokenizer is the given {tok.get('source', '?')!r}, the config trains a BPE")
-    elif tok.get("trained") is True and tok.get("requested_vocab_size", tcfg.vocab_size) != tcfg.vocab_size:
-        differences.append(
-            f"its BPE was trained for {tok['requested_vocab_size']} tokens, the config asks for "
-            f"data.tokenizer.vocab_size = {tcfg.vocab_size}"
-        )
-    if differences:
-        raise CorpusReplaceError(out_dir, differences)
-
-
-def _check_tokenizer_kept(existing: dict[str, Any] | None, new_sha: str, out_dir: Path) -> None:
-    """Called with the new tokenizer's sha256 before it replaces ``tokenizer.json``."""
-    if existing is None:
-        return
-    old_sha = existing["tokenizer"].get("sha256")
-    if old_sha is not None and old_sha != new_sha:
-        old = existing["tokenizer"]
-        made = f"a BPE trained for {old.get('requested_vocab_size', old['vocab_size'])} tokens" if old.get(
-            "trained") else f"the given tokenizer {old.get('source', '?')!r}"  # fmt: skip
-        raise CorpusReplaceError(
-            out_dir, [f"its tokenizer ({made}, sha256 {old_sha[:12]}) differs from this config's (sha256 {new_sha[:12]})"]
-        )
 
 
 @contextlib.contextmanager
@@ -368,15 +304,15 @@ def prepare_corpus(
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with _exclusive(out_dir):
-        existing = None if force else _existing_manifest(out_dir)
-        _check_settings_kept(existing, data_cfg, out_dir)
+        existing = None if force else existing_manifest(out_dir)
+        check_settings_kept(existing, data_cfg, out_dir)
         for directory in [out_dir, *(out_dir / d.name for d in data_cfg.domains)]:
             if directory.is_dir():
                 remove_tmp_files(directory)
         fingerprints = {d.name: source_fingerprint(d) for d in data_cfg.domains}  # missing files fail here
         threads = num_threads(data_cfg.num_proc)
         tokenizer, tok_info = _load_tokenizer(
-            data_cfg, out_dir, seed, fingerprints, threads, lambda sha: _check_tokenizer_kept(existing, sha, out_dir)
+            data_cfg, out_dir, seed, fingerprints, threads, lambda sha: check_tokenizer_kept(existing, sha, out_dir)
         )
         with (
             ThreadPoolExecutor(threads, thread_name_prefix="tokenize") as pool,

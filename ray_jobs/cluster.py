@@ -179,8 +179,8 @@ def loopback_only() -> Iterator[None]:
 
     Sets ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (inherited by the GCS, raylet, dashboard and every worker
     this process starts) and the constant Ray read from it at import time (ray may already be imported),
-    and restores both afterwards. A local Ray is one machine, so Ray's multi-node mode has nothing to do;
-    joining other nodes to it (``ray start --address``) is refused while it is off, by Ray itself.
+    and restores both afterwards. A local Ray is one machine, so Ray's multi-node mode has nothing to do,
+    and no other machine can reach (or join) a Ray that listens on loopback only, which is the point.
     """
     import ray._private.ray_constants as ray_constants
 

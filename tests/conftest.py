@@ -37,16 +37,13 @@ def ray_session():
     """A local Ray with 2 CPUs bound to 127.0.0.1, shared by every ``ray`` test, shut down at the end."""
     import ray
 
-    from ray_jobs.cluster import loopback_only
-
     if not ray.is_initialized():
-        with loopback_only():  # as `acodm` starts a local Ray: registered and listening on 127.0.0.1 only
-            ray.init(
-                num_cpus=2,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                configure_logging=False,
-                log_to_driver=False,
-            )
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            configure_logging=False,
+            log_to_driver=False,
+        )
     yield ray
     ray.shutdown()
