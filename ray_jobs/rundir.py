@@ -10,8 +10,8 @@ entrypoint, ``acodm proxy``), it
    Train workers do not take the lock: they write only what their driver's run asks for, and a driver's
    death ends its job's workers (a local Ray is started by the driver and shares its fate; on a cluster
    Ray stops a job's actors and Ray Train workers when its driver exits), so a second driver that gets
-   the lock after the first died may see the old workers for at most the few seconds Ray takes to stop
-   them, never a whole run;
+   the lock after the first died can overlap with the old workers only while Ray stops them (not
+   measured here), never for a whole run;
 2. checks the prepared corpus against the config and verifies shard checksums
    (``envs.integrity``: fully up to ``data.verify_max_bytes``, a random sample above);
 3. records what the run trains on in ``<run_dir>/corpus.json`` (the corpus's ``content_id``, manifest hash,
