@@ -27,6 +27,7 @@ from analysis.plots import (
     plot_mixture_weights,
 )
 from analysis.runs import PER_RUN_KEYS, Run, config_differences, flatten_config, load_mlflow_runs, load_run
+from envs.paths import require_absent_or_dir
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,12 @@ def build_report(
 
     Raises:
         FileNotFoundError: a run directory, config or ledger is missing.
+        FileExistsError / NotADirectoryError: ``out_dir`` (or a parent) is an existing file; nothing is written.
         ValueError: unreadable inputs, incomparable runs, or no uniform run and no ``target``.
     """
     if not run_dirs:
         raise ValueError("build_report needs at least one run directory")
+    require_absent_or_dir(out_dir, "report --out")  # before any run is read or any file written
     labels = {str(Path(k)): v for k, v in (labels or {}).items()}
     runs = [load_run(d, method=labels.get(str(Path(d)))) for d in run_dirs]
     return write_report(runs, out_dir, target=target, title=title)
@@ -78,7 +81,12 @@ def write_report(
     runs: Sequence[Run], out_dir: str | os.PathLike[str], *, target: float | None = None,
     title: str = "acodm run comparison",
 ) -> Path:
-    """Compare ``runs``, render the plots and write ``report.md`` and ``report.html``; returns the HTML path."""
+    """Compare ``runs``, render the plots and write ``report.md`` and ``report.html``; returns the HTML path.
+
+    Raises:
+        FileExistsError / NotADirectoryError: ``out_dir`` (or a parent) is an existing file; nothing is written.
+    """
+    require_absent_or_dir(out_dir, "report --out")
     comparison = compare(runs, target=target)
     out = Path(out_dir)
     plots = render_plots(comparison, out / "plots")

@@ -95,6 +95,10 @@ class DataConfig(StrictModel):
     val_max_tokens: int = Field(200_000, gt=0, description="Cap on held-out tokens per domain.")
     num_proc: int = Field(0, ge=0, description="Tokenizer processes; 0 = all cores.")
     shard_tokens: int = Field(8_000_000, gt=0, description="Tokens per shard file.")
+    verify_max_bytes: int = Field(
+        1 << 30, ge=0, description="At a run's start, shards up to this many bytes in all are sha256-checked "
+        "fully, a random sample of this many bytes above it (envs.integrity); 0 = no shard hashing."
+    )
 
     @model_validator(mode="after")
     def _check_domains(self) -> DataConfig:

@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from envs.paths import require_absent_or_dir
+
 log = logging.getLogger(__name__)
 
 DEMO_DOMAINS = ("code", "docstrings", "doc_topics", "readmes", "licenses", "junk")
@@ -72,7 +74,7 @@ def build_demo_corpus(
     """
     if max_bytes_per_domain <= 0:
         raise ValueError(f"max_bytes_per_domain must be positive, got {max_bytes_per_domain}")
-    out_dir = Path(out_dir)
+    out_dir = require_absent_or_dir(out_dir, "demo corpus directory")  # a file there: say so, not [Errno 17]
     out_dir.mkdir(parents=True, exist_ok=True)
     stdlib = Path(sysconfig.get_path("stdlib"))
     modules = _stdlib_modules(stdlib)

@@ -12,8 +12,10 @@ shared filesystem without loading it into memory.
 
 Clusters: prepare once (one process, e.g. on the head node) into a directory on a filesystem every node
 mounts (NFS, Lustre, GPFS, a FUSE-mounted bucket) and point ``data.prepared_dir`` there; workers only
-open files read-only and the page cache of each node keeps the hot shards. ``open`` checks sizes only
-(cheap on a network filesystem); ``verify()`` re-hashes everything when wanted. A copy to node-local
+open files read-only and the page cache of each node keeps the hot shards. ``open`` checks what is cheap
+at any scale (the manifest's schema and counts, shard sizes, the tokenizer's sha256) and reads no shard;
+``verify()`` re-hashes shards, all of them or a random sample (``envs.integrity`` says which when, and
+why). A copy to node-local
 disk (``rsync`` of the directory) is byte-identical and equally valid, since the manifest names files
 relative to the directory.
 """
@@ -29,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from envs.integrity import VerifyReport, content_id, sha256_file, validate_manifest, verify_shards
+
+__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "SPLITS", "PreparedCorpus", "sha256_file"]
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +105,20 @@ class PreparedCorpus:
                 f"{manifest_path} not found: prepare the corpus first with `acodm data prepare CONFIG`"
             )
         raw = manifest_path.read_bytes()
-        manifest = json.loads(raw)
-        version = manifest.get("format_version")
+        try:
+            manifest = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(
+                f"{manifest_path} is not valid JSON ({exc}): it is truncated or was edited; re-run "
+                "`acodm data prepare` for this directory"
+            ) from None
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
         if version != FORMAT_VERSION:
             raise ValueError(
                 f"{manifest_path}: format_version {version!r} is not supported (expected {FORMAT_VERSION}); "
                 "re-run `acodm data prepare`"
             )
+        validate_manifest(manifest, str(manifest_path))
         names = [d["name"] for d in manifest["domains"]]
         if expected_domains is not None and list(expected_domains) != names:
             raise ValueError(
@@ -120,6 +133,13 @@ class PreparedCorpus:
     def _check_files(self) -> None:
         if not self.tokenizer_path.is_file():
             raise FileNotFoundError(f"tokenizer {self.tokenizer_path} named by the manifest is missing")
+        expected_sha = self.manifest["tokenizer"].get("sha256")
+        if expected_sha is not None and sha256_file(self.tokenizer_path) != expected_sha:
+            raise ValueError(
+                f"tokenizer {self.tokenizer_path} does not match tokenizer.sha256 in "
+                f"{self.prepared_dir / MANIFEST_NAME}: it was replaced or edited after preparation, so the "
+                "shards' token ids may mean other tokens; re-run `acodm data prepare` for this directory"
+            )
         for entry in self.manifest["domains"]:
             for split in SPLITS:
                 for shard in entry["splits"][split]["shards"]:
@@ -135,18 +155,26 @@ class PreparedCorpus:
                             "re-run `acodm data prepare` to repair it"
                         )
 
-    def verify(self) -> None:
-        """Recompute every shard's sha256 and compare with the manifest (slow: reads all shards).
+    def verify(self, max_bytes: int | None = None, *, seed: int | None = None) -> VerifyReport:
+        """Recompute shard sha256s and compare with the manifest: every shard, or a random sample.
+
+        Args:
+            max_bytes: None = every shard (slow: reads the whole corpus); else all shards when they total at
+                most this, otherwise a random sample of whole shards up to it (``envs.integrity``).
+            seed: seeds the sample (None = a fresh draw each call).
+
+        Returns:
+            What was checked (``mode`` is ``"full"`` or ``"sampled"``).
 
         Raises:
-            ValueError: naming the first shard whose content differs.
+            ValueError: naming every checked shard whose content differs.
         """
-        for entry in self.manifest["domains"]:
-            for split in SPLITS:
-                for shard in entry["splits"][split]["shards"]:
-                    path = self.prepared_dir / shard["file"]
-                    if sha256_file(path) != shard["sha256"]:
-                        raise ValueError(f"shard {path} does not match the sha256 in the manifest")
+        return verify_shards(self, max_bytes=max_bytes, seed=seed)
+
+    @property
+    def content_id(self) -> str:
+        """A hash of the data a run reads (tokenizer, shard names, sizes and sha256s); see ``envs.integrity``."""
+        return content_id(self.manifest)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -264,12 +292,3 @@ class PreparedCorpus:
 
     def __repr__(self) -> str:
         return f"PreparedCorpus({str(self.prepared_dir)!r}, domains={self.domain_names}, vocab={self.vocab_size})"
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -37,7 +37,7 @@ manifest always describes complete shards. A lock file stops two preparations of
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import logging
 import os
 import sys
@@ -48,7 +48,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from envs.config import DataConfig, DomainConfig
+from envs.corpus_guard import CorpusReplaceError, check_settings_kept, check_tokenizer_kept, existing_manifest
 from envs.data import FORMAT_VERSION, MANIFEST_NAME, SPLITS, sha256_file
+from envs.filelock import exclusive_lock
 from envs.shards import (
     DomainJob,
     JobContext,
@@ -63,11 +65,12 @@ from envs.shards import (
 )
 from envs.text_sources import empty_domain_error, group_key, iter_routed_documents, source_fingerprint
 
-__all__ = ["GroupRunner", "ValSelector", "num_threads", "prepare_corpus", "run_groups_locally"]
+__all__ = ["CorpusReplaceError", "GroupRunner", "ValSelector", "num_threads", "prepare_corpus", "run_groups_locally"]
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_NAME = "tokenizer.json"
+LOCK_NAME = ".prepare.lock"
 T = TypeVar("T")
 # Prepares groups of domain jobs (domains sharing a source), yielding each group when it is finished.
 GroupRunner = Callable[[list[list[DomainJob]]], Iterator[list[DomainJob]]]
@@ -75,18 +78,9 @@ GroupRunner = Callable[[list[list[DomainJob]]], Iterator[list[DomainJob]]]
 
 @contextlib.contextmanager
 def _exclusive(out_dir: Path) -> Iterator[None]:
-    lock_path = out_dir / ".prepare.lock"
-    with open(lock_path, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FileExistsError(
-                f"{out_dir} is being prepared by another process (lock {lock_path})"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """One preparation per directory at a time (``envs.filelock``: released on any exit, even SIGKILL)."""
+    with exclusive_lock(out_dir / LOCK_NAME, what=f"prepared directory {out_dir} (acodm data prepare)"):
+        yield
 
 
 @contextlib.contextmanager
@@ -115,17 +109,24 @@ def _load_tokenizer(
     seed: int,
     fingerprints: dict[str, list[dict[str, Any]]],
     threads: int,
+    before_replace: Callable[[str], None] = lambda sha: None,
 ) -> tuple[Any, dict[str, Any]]:
-    """The tokenizer (copied into ``out_dir`` or trained there, reused when its inputs are unchanged)."""
+    """The tokenizer (copied into ``out_dir`` or trained there, reused when its inputs are unchanged).
+
+    ``before_replace(sha256)`` sees a new tokenizer before it replaces ``tokenizer.json`` (and may refuse).
+    """
     from tokenizers import Tokenizer
 
     tcfg = data_cfg.tokenizer
     dest = out_dir / TOKENIZER_NAME
     if tcfg.path is not None:
         src = Path(tcfg.path)
+        if src.is_dir():
+            raise IsADirectoryError(f"data.tokenizer.path = {str(src)!r} is a directory; expected a tokenizer.json file")
         if not src.is_file():
             raise FileNotFoundError(f"data.tokenizer.path: tokenizer file {src} not found")
         data = src.read_bytes()
+        before_replace(hashlib.sha256(data).hexdigest())
         if not (dest.is_file() and dest.read_bytes() == data):
             atomic_write_bytes(dest, data)
         info: dict[str, Any] = {"trained": False, "source": str(src)}
@@ -146,12 +147,18 @@ def _load_tokenizer(
         meta = read_json(meta_path) or {}
         if not (meta.get("key") == key and dest.is_file() and sha256_file(dest) == meta.get("sha256")):
             started = time.perf_counter()
-            _train_bpe(data_cfg, targets, dest, seed, threads)
+            fresh = dest.with_name(f".{dest.name}.new")
+            try:
+                _train_bpe(data_cfg, targets, fresh, seed, threads)
+                before_replace(sha256_file(fresh))
+                os.replace(fresh, dest)
+            finally:
+                fresh.unlink(missing_ok=True)
             log.info(
                 "trained a %d-token byte-level BPE in %.1fs", tcfg.vocab_size, time.perf_counter() - started
             )
             write_json(meta_path, {"key": key, "sha256": sha256_file(dest)})
-        info = {"trained": True, "trained_on": [d.name for d in targets]}
+        info = {"trained": True, "trained_on": [d.name for d in targets], "requested_vocab_size": tcfg.vocab_size}
     tokenizer = Tokenizer.from_file(str(dest))
     tokenizer.encode_special_tokens = True  # a literal "<|endoftext|>" inside a document stays text
     eos_id = tokenizer.token_to_id(tcfg.eos_token)
@@ -160,14 +167,33 @@ def _load_tokenizer(
             f"tokenizer {tcfg.path or dest} has no token {tcfg.eos_token!r} (data.tokenizer.eos_token); "
             "set eos_token to its end-of-text token"
         )
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    _check_vocab_size(tcfg.vocab_size, size, given=tcfg.path)
     info |= {
         "file": TOKENIZER_NAME,
         "sha256": sha256_file(dest),
-        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+        "vocab_size": size,
         "eos_token": tcfg.eos_token,
         "eos_id": int(eos_id),
     }
     return tokenizer, info
+
+
+def _check_vocab_size(requested: int, actual: int, *, given: str | None) -> None:
+    """A given tokenizer must have the configured size (the run's config records what the model uses); a
+    trained BPE may stop short of it on a small corpus, which is worth a warning."""
+    if given is not None and actual != requested:
+        raise ValueError(
+            f"data.tokenizer.vocab_size = {requested} but the given tokenizer {given} (data.tokenizer.path) has "
+            f"{actual} tokens; set data.tokenizer.vocab_size: {actual} so that the config records the "
+            "vocabulary the model is built for"
+        )
+    if given is None and actual < requested:
+        log.warning(
+            "the BPE stopped at %d of the %d tokens asked for (data.tokenizer.vocab_size): the target domains "
+            "have too little text for that vocabulary; the model is built for %d (recorded in the manifest)",
+            actual, requested, actual,
+        )
 
 
 def _train_bpe(
@@ -242,6 +268,7 @@ def prepare_corpus(
     seed: int,
     on_shard: ShardHook | None = None,
     run_groups: GroupRunner | None = None,
+    force: bool = False,
 ) -> dict:
     """Tokenize every configured domain into train/val shards and write ``manifest.json``.
 
@@ -256,11 +283,15 @@ def prepare_corpus(
         run_groups: reads and encodes the documents of each group of jobs (domains sharing one source)
             and yields each group once its jobs are finished, in order; default ``run_groups_locally``
             (threads in this process). ``ray_jobs.data`` passes one that encodes with Ray Data.
+        force: replace a prepared corpus with other domains or another tokenizer (refused otherwise, before
+            anything is changed, since runs that trained on it depend on it).
 
     Returns:
         The manifest (also written to ``<prepared_dir>/manifest.json``).
 
     Raises:
+        CorpusReplaceError: ``out_dir`` holds a corpus with other domains or another tokenizer (and not ``force``).
+        DirectoryLockedError: another process is preparing ``out_dir`` (the message names its PID).
         FileNotFoundError: a source file, glob or the given tokenizer is missing.
         ValueError: a corrupt or unreadable record, an unknown text field, an empty domain or a domain
             shorter than one sequence; the message names the domain, file and line.
@@ -268,15 +299,21 @@ def prepare_corpus(
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     out_dir = Path(data_cfg.prepared_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"data.prepared_dir = {str(out_dir)!r} is a file, not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with _exclusive(out_dir):
+        existing = None if force else existing_manifest(out_dir)
+        check_settings_kept(existing, data_cfg, out_dir)
         for directory in [out_dir, *(out_dir / d.name for d in data_cfg.domains)]:
             if directory.is_dir():
                 remove_tmp_files(directory)
         fingerprints = {d.name: source_fingerprint(d) for d in data_cfg.domains}  # missing files fail here
         threads = num_threads(data_cfg.num_proc)
-        tokenizer, tok_info = _load_tokenizer(data_cfg, out_dir, seed, fingerprints, threads)
+        tokenizer, tok_info = _load_tokenizer(
+            data_cfg, out_dir, seed, fingerprints, threads, lambda sha: check_tokenizer_kept(existing, sha, out_dir)
+        )
         with (
             ThreadPoolExecutor(threads, thread_name_prefix="tokenize") as pool,
             _tokenizers_parallelism(False),

@@ -39,6 +39,7 @@ def resolve_files(domain: DomainConfig) -> list[tuple[Path, str]]:
 
     Raises:
         FileNotFoundError: a path does not exist or a glob matches no file.
+        IsADirectoryError: a path (not a glob) is a directory.
         ValueError: the format of a file cannot be told from its extension.
     """
     src = domain.source
@@ -49,6 +50,11 @@ def resolve_files(domain: DomainConfig) -> list[tuple[Path, str]]:
             if not matches:
                 raise FileNotFoundError(f"domain {domain.name!r}: the glob {pattern!r} matches no file")
         else:
+            if os.path.isdir(pattern):
+                raise IsADirectoryError(
+                    f"domain {domain.name!r}: source path {pattern!r} is a directory; expected a jsonl, "
+                    f"jsonl.zst, parquet or txt file, or a glob such as {os.path.join(pattern, '*.jsonl')!r}"
+                )
             if not os.path.isfile(pattern):
                 raise FileNotFoundError(f"domain {domain.name!r}: file {pattern!r} not found")
             matches = [Path(pattern)]

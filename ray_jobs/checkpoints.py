@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
 CKPT_VERSION = 1
-RESUME_MAY_DIFFER = ("ray.", "tracking.", "tune.", "proxy.", "checkpoint.keep_last", "train.log_interval")
+RESUME_MAY_DIFFER = (
+    "ray.", "tracking.", "tune.", "proxy.", "checkpoint.keep_last", "train.log_interval", "data.verify_max_bytes",
+)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

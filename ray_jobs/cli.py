@@ -25,6 +25,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     FileExistsError,
     PermissionError,
     NotADirectoryError,
+    IsADirectoryError,
     ConnectionError,
     TimeoutError,
 )
@@ -59,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep = data_sub.add_parser("prepare", help="tokenize the config's domains into shards + manifest.json")
     _add_config_args(prep)
     prep.add_argument("--ray", action="store_true", help="tokenize with Ray Data (uses ray.address)")
+    prep.add_argument(
+        "--force", action="store_true",
+        help="replace a prepared corpus with other domains or another tokenizer (runs trained on it break)",
+    )
+    verify = data_sub.add_parser(
+        "verify", help="check a prepared directory fully: manifest, sizes, every shard's sha256, the tokenizer"
+    )
+    verify.add_argument("prepared_dir", type=Path, metavar="DIR")
 
     train = sub.add_parser("train", help="run one pretraining run with the configured mixer")
     _add_config_args(train)
@@ -105,6 +114,24 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, args.overrides)
 
 
+def _prepare(cfg: ExperimentConfig, *, use_ray: bool, force: bool) -> int:
+    """``acodm data prepare``; a refusal to replace another corpus names the runs that used it."""
+    from envs.prepare import CorpusReplaceError, prepare_corpus
+
+    try:
+        if use_ray or cfg.ray.address:
+            from ray_jobs.data import prepare_with_ray
+
+            prepare_with_ray(cfg, force=force)
+        else:
+            prepare_corpus(cfg.data, seq_len=cfg.lm.seq_len, seed=cfg.seed, force=force)
+    except CorpusReplaceError as exc:
+        from ray_jobs.rundir import describe_users
+
+        raise FileExistsError(f"{exc}.{describe_users(exc.out_dir, cfg.output_dir)}") from None
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Dispatch a parsed command line; returns the exit code."""
     if args.command == "data" and args.data_command == "demo":
@@ -113,15 +140,11 @@ def run(args: argparse.Namespace) -> int:
         build_demo_corpus(args.out_dir)
         return 0
     if args.command == "data" and args.data_command == "prepare":
-        cfg = _load(args)
-        if args.ray or cfg.ray.address:
-            from ray_jobs.data import prepare_with_ray
+        return _prepare(_load(args), use_ray=args.ray, force=args.force)
+    if args.command == "data" and args.data_command == "verify":
+        from envs.integrity import verify_prepared_dir
 
-            prepare_with_ray(cfg)
-        else:
-            from envs.prepare import prepare_corpus
-
-            prepare_corpus(cfg.data, seq_len=cfg.lm.seq_len, seed=cfg.seed)
+        print(f"{args.prepared_dir}: OK, {verify_prepared_dir(args.prepared_dir).summary()}")
         return 0
     if args.command == "train":
         cfg = _load(args)

@@ -3,8 +3,9 @@
 ``acodm train`` runs in three places, and ``connect`` handles each:
 
 * **Local, no cluster** (no ``ray.address``, no ``RAY_ADDRESS``): start an embedded Ray with the
-  machine's CPUs, bound to 127.0.0.1, without the dashboard unless asked, and with its workers at
-  the driver's niceness (``local_system_config``).
+  machine's CPUs, on loopback only (``loopback_only``: every Ray server listens on 127.0.0.1 and the node
+  registers as 127.0.0.1; Ray's token authentication stays as Ray sets it, on by default in 2.60), without
+  the dashboard unless asked, and with its workers at the driver's niceness (``local_system_config``).
 * **Inside ``ray job submit``**: the job supervisor sets ``RAY_ADDRESS`` to the cluster's GCS address and
   gives the job the submitted ``--working-dir`` as its runtime env, which every task and actor of the
   job inherits. So no ``runtime_env`` is needed here (``job_runtime_env`` returns None).
@@ -48,6 +49,16 @@ _JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 WORKER_NICENESS_ENV_VAR = "RAY_worker_niceness"
 # The niceness of the workers of a local Ray started by ``connect``: the same as the driver's.
 LOCAL_WORKER_NICENESS = 0
+
+
+# Ray 2.60 turns a node IP of 127.0.0.1 into this machine's outward address (``ray._private.services.
+# resolve_ip_for_localhost``, used by ``ray.init(_node_ip_address=...)`` and ``ray start --node-ip-address``)
+# unless Ray's multi-node mode is off, which is its default on macOS and Windows and is switched by this
+# variable (read into ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` when ray is imported). With the
+# outward address the GCS, raylet and worker gRPC servers listen on every interface (``::``); with
+# 127.0.0.1 they and the dashboard's servers listen on loopback only (measured with /proc/net/tcp{,6},
+# tests/ray_jobs/test_loopback.py). Ray has no bind-address setting for its gRPC servers.
+LOOPBACK_ENV_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 class InsufficientResourcesError(ValueError):
@@ -164,6 +175,31 @@ def job_runtime_env(address: str | None) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Keep a Ray started inside the block on 127.0.0.1: registered there and listening nowhere else.
+
+    Sets ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (inherited by the GCS, raylet, dashboard and every worker
+    this process starts) and the constant Ray read from it at import time (ray may already be imported),
+    and restores both afterwards. A local Ray is one machine, so Ray's multi-node mode has nothing to do,
+    and no other machine can reach (or join) a Ray that listens on loopback only, which is the point.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    old_env = os.environ.get(LOOPBACK_ENV_VAR)
+    old_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop(LOOPBACK_ENV_VAR, None)
+        else:
+            os.environ[LOOPBACK_ENV_VAR] = old_env
+
+
+@contextlib.contextmanager
 def connect(
     cfg: ExperimentConfig, *, include_dashboard: bool = False, timeout_s: float = CONNECT_TIMEOUT_S
 ) -> Iterator[str | None]:
@@ -182,26 +218,28 @@ def connect(
         yield resolve_address(cfg)
         return
     address = resolve_address(cfg)
-    if address is None:
-        num_cpus = local_num_cpus()
-        log.info("starting a local Ray with %d CPUs on 127.0.0.1", num_cpus)
-        ray.init(
-            address="local",  # a new Ray of our own, never someone else's already running here
-            num_cpus=num_cpus,
-            include_dashboard=include_dashboard,
-            _node_ip_address="127.0.0.1",
-            _system_config=local_system_config() or None,
-            runtime_env=job_runtime_env(None),
-            configure_logging=False,
-        )
-    else:
-        check_reachable(address, timeout_s)
-        log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=job_runtime_env(address), configure_logging=False)
-    try:
-        yield address
-    finally:
-        ray.shutdown()
+    with contextlib.ExitStack() as stack:
+        if address is None:
+            num_cpus = local_num_cpus()
+            log.info("starting a local Ray with %d CPUs on 127.0.0.1 (loopback only)", num_cpus)
+            stack.enter_context(loopback_only())
+            ray.init(
+                address="local",  # a new Ray of our own, never someone else's already running here
+                num_cpus=num_cpus,
+                include_dashboard=include_dashboard,
+                _node_ip_address="127.0.0.1",
+                _system_config=local_system_config() or None,
+                runtime_env=job_runtime_env(None),
+                configure_logging=False,
+            )
+        else:
+            check_reachable(address, timeout_s)
+            log.info("connecting to the Ray cluster at %s", address)
+            ray.init(address=address, runtime_env=job_runtime_env(address), configure_logging=False)
+        try:
+            yield address
+        finally:
+            ray.shutdown()
 
 
 def worker_resources(resources_per_worker: Mapping[str, float], use_gpu: bool) -> dict[str, float]:

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from agents.config import AgentConfig
 from envs.config import LMConfig, PretrainConfig, StrictModel
+from envs.paths import check_path_component, describe_missing_file
 
 
 class ConfigError(ValueError):
@@ -93,7 +94,7 @@ class ExperimentConfig(PretrainConfig):
     """A whole experiment: the run the env needs (``envs.config.PretrainConfig``: seed, data, LM,
     optimiser, sampler, budget, eval, env) plus the agent, Ray, tracking, checkpoints, Tune and proxy."""
 
-    name: str = Field("acodm", min_length=1)
+    name: str = Field("acodm", min_length=1, description="Run name: one path component (the run is <output_dir>/<name>).")
     output_dir: str = Field("runs", description="Run directories are <output_dir>/<name>.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
@@ -101,6 +102,11 @@ class ExperimentConfig(PretrainConfig):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _single_component(cls, value: str) -> str:
+        return check_path_component(value, "name")
 
     @model_validator(mode="after")
     def _cross_field(self) -> ExperimentConfig:
@@ -201,7 +207,7 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        raise ConfigError(describe_missing_file(p, "config file", "a YAML file"))
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:

@@ -86,7 +86,7 @@ _READ_SCHEMA = pa.schema(
 )
 
 
-def prepare_with_ray(cfg: ExperimentConfig, *, on_shard: ShardHook | None = None) -> dict:
+def prepare_with_ray(cfg: ExperimentConfig, *, on_shard: ShardHook | None = None, force: bool = False) -> dict:
     """Prepare ``cfg.data`` like ``envs.prepare.prepare_corpus``, encoding through Ray Data.
 
     Uses the Ray that ``ray_jobs.cluster.connect`` gives (an initialised one, ``ray.address`` /
@@ -95,6 +95,7 @@ def prepare_with_ray(cfg: ExperimentConfig, *, on_shard: ShardHook | None = None
     Args:
         cfg: the experiment config (``data``, ``lm.seq_len``, ``seed`` and ``ray.address`` are used).
         on_shard: called as ``on_shard(domain, split, shard_index)`` after each shard is durable (tests).
+        force: replace a corpus with other domains or another tokenizer (as ``prepare_corpus``).
 
     Returns:
         The manifest, also written to ``<data.prepared_dir>/manifest.json``; byte-identical to the local path's.
@@ -110,7 +111,7 @@ def prepare_with_ray(cfg: ExperimentConfig, *, on_shard: ShardHook | None = None
         log.info("preparing %s with Ray Data on %s", cfg.data.prepared_dir, address or "a local Ray")
         runner = functools.partial(run_groups_with_ray, pool=pool)
         return prepare_corpus(
-            cfg.data, seq_len=cfg.lm.seq_len, seed=cfg.seed, on_shard=on_shard, run_groups=runner
+            cfg.data, seq_len=cfg.lm.seq_len, seed=cfg.seed, on_shard=on_shard, run_groups=runner, force=force
         )
 
 

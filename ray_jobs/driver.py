@@ -32,6 +32,7 @@ from ray_jobs.checkpoints import (
 )
 from ray_jobs.config import ExperimentConfig
 from ray_jobs.ledger import LEDGER_FILE, Ledger, signals_row
+from ray_jobs.rundir import owns_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +343,7 @@ def remove_file_log(handler: logging.Handler) -> None:
     handler.close()
 
 
+@owns_run_dir  # one driver per run directory; the corpus checked and recorded (ray_jobs/rundir.py)
 def run_local(
     cfg: ExperimentConfig,
     resume: Path | None = None,

@@ -40,6 +40,7 @@ from ray_jobs.driver import (
     resolve_policy,
     warn_about_reward_coverage,
 )
+from ray_jobs.rundir import owns_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,7 @@ def env_defaults(values: Mapping[str, str]) -> Iterator[None]:
             os.environ.pop(name, None)
 
 
+@owns_run_dir  # held by the driver: one `acodm train` per run directory (ray_jobs/rundir.py)
 def run_train(
     cfg: ExperimentConfig,
     resume: Path | None = None,

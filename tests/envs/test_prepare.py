@@ -202,17 +202,18 @@ def test_tokenizer_is_trained_on_target_domains_only(tmp_path):
 
 
 def test_given_tokenizer_gives_the_same_shards(tmp_path, three_domains):
-    prepare_corpus(make_cfg(tmp_path, three_domains), seq_len=SEQ_LEN, seed=0)
+    size = prepare_corpus(make_cfg(tmp_path, three_domains), seq_len=SEQ_LEN, seed=0)["tokenizer"]["vocab_size"]
     given = tmp_path / "given.json"
     given.write_bytes((tmp_path / "prep" / "tokenizer.json").read_bytes())
-    cfg = make_cfg(tmp_path, three_domains, prepared_dir=str(tmp_path / "p2"), tokenizer={"path": str(given)})
+    cfg = make_cfg(tmp_path, three_domains, prepared_dir=str(tmp_path / "p2"),
+                   tokenizer={"path": str(given), "vocab_size": size})  # fmt: skip
     manifest = prepare_corpus(cfg, seq_len=SEQ_LEN, seed=0)
     assert manifest["tokenizer"]["trained"] is False
     assert {k: v for k, v in tree(tmp_path / "prep").items() if k.endswith(".bin")} == {
         k: v for k, v in tree(tmp_path / "p2").items() if k.endswith(".bin")
     }
     bad = make_cfg(tmp_path, three_domains, prepared_dir=str(tmp_path / "p3"),
-                   tokenizer={"path": str(given), "eos_token": "<eos>"})  # fmt: skip
+                   tokenizer={"path": str(given), "vocab_size": size, "eos_token": "<eos>"})  # fmt: skip
     with pytest.raises(ValueError, match=r"has no token '<eos>' \(data.tokenizer.eos_token\)"):
         prepare_corpus(bad, seq_len=SEQ_LEN, seed=0)
 
@@ -276,10 +277,11 @@ def test_rerun_skips_finished_work(tmp_path, three_domains, caplog):
     cfg = make_cfg(tmp_path, three_domains)
     prepare_corpus(cfg, seq_len=SEQ_LEN, seed=0)
     prep = tmp_path / "prep"
-    mtimes = {p: p.stat().st_mtime_ns for p in prep.rglob("*") if p.is_file()}
+    # every file but the lock (which records its holder, envs.filelock) stays untouched
+    mtimes = {p: p.stat().st_mtime_ns for p in prep.rglob("*") if p.is_file() and p.name != ".prepare.lock"}
     caplog.set_level("INFO", logger="envs.prepare")
     prepare_corpus(cfg, seq_len=SEQ_LEN, seed=0)
-    assert {p: p.stat().st_mtime_ns for p in prep.rglob("*") if p.is_file()} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in prep.rglob("*") if p.is_file() and p.name != ".prepare.lock"} == mtimes
     assert caplog.text.count("up to date") == 3
 
     # changing a non-target domain's file redoes that domain only (the tokenizer did not see it)
@@ -347,7 +349,7 @@ def test_second_preparation_of_one_directory_is_refused(tmp_path, three_domains)
     (tmp_path / "prep").mkdir()
     with open(tmp_path / "prep" / ".prepare.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        with pytest.raises(FileExistsError, match="being prepared by another process"):
+        with pytest.raises(FileExistsError, match=r"prep \(acodm data prepare\) is in use by another process"):
             prepare_corpus(cfg, seq_len=SEQ_LEN, seed=0)
 
 
