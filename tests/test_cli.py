@@ -51,7 +51,7 @@ def _bad_config(tmp_path: Path) -> Path:
 
 def test_console_script_is_registered():
     scripts = importlib.metadata.entry_points(group="console_scripts")
-    assert [ep.value for ep in scripts if ep.name == "acodm"] == ["ray_jobs.cli:main"]
+    assert [ep.value for ep in scripts if ep.name == "acodm"] == ["ray_jobs.cli:console_main"]
 
 
 def test_top_level_help_lists_every_subcommand(capsys):
