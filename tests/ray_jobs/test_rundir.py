@@ -23,9 +23,9 @@ import pytest
 import yaml
 
 from envs.filelock import DirectoryLockedError, exclusive_lock, lock_holder
+from ray_jobs.checkpoints import latest_checkpoint
 from ray_jobs.cli import main
 from ray_jobs.config import ExperimentConfig
-from ray_jobs.checkpoints import latest_checkpoint
 from ray_jobs.driver import run_local
 from ray_jobs.rundir import CORPUS_RECORD, LOCK_NAME, runs_using
 from tests.envs.lm_fixtures import make_synthetic_corpus
