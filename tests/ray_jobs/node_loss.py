@@ -31,9 +31,10 @@ from ray.cluster_utils import Cluster
 
 from ray_jobs.cluster import loopback_only
 from ray_jobs.config import ExperimentConfig
+from tests.conftest import DOMAINS
+from tests.conftest import experiment as shared_experiment
 from tests.envs.lm_fixtures import make_synthetic_corpus
 
-DOMAINS = ("alpha", "beta", "gamma")
 TOTAL_STEPS = 40
 KILL_AFTER_STEP = 10  # a checkpoint at 8 is persisted by then; steps 9-10 are redone after the restart
 STEP_LINE = re.compile(r"step (\d+)/\d+ loss")
@@ -41,23 +42,13 @@ STEP_LINE = re.compile(r"step (\d+)/\d+ loss")
 
 def experiment(prepared: Path, out: Path) -> ExperimentConfig:
     """Two 0.9-CPU Ray Train workers, the AC-ODM agent on the head, a checkpoint every 4 steps."""
-    return ExperimentConfig.from_dict({
-        "name": "t", "output_dir": str(out), "seed": 3,
-        "data": {"prepared_dir": str(prepared),
-                 "domains": [{"name": n, "source": {"paths": [f"/nonexistent/{n}.jsonl"]}} for n in DOMAINS]},
-        "lm": {"preset": "tiny", "seq_len": 32, "precision": "fp32", "num_threads": 1, "num_layers": 2,
-               "hidden_size": 64, "num_heads": 2},
-        "optim": {"lr": 3e-3, "warmup_fraction": 0.1},
-        "sampler": {"micro_batch_size": 2, "grad_accum": 3},
-        "train": {"total_steps": TOTAL_STEPS, "log_interval": 1},
-        "eval": {"interval": 4, "max_batches": 2, "batch_size": 4},
-        "checkpoint": {"interval": 4, "keep_last": 3},
+    return ExperimentConfig.from_dict(shared_experiment(prepared, out, **{
+        "train.total_steps": TOTAL_STEPS, "train.log_interval": 1, "checkpoint.keep_last": 3,
         "agent": {"kind": "ac_odm", "hidden_width": 32, "num_hidden_layers": 2, "batch_size": 4,
                   "warmup_fraction": 0.25},
         "ray": {"enabled": True, "num_workers": 2, "resources_per_worker": {"CPU": 0.9},
                 "agent_resources": {"head": 0.01}, "max_failures": 1},
-        "tracking": {"enabled": False},
-    })  # fmt: skip
+    }))  # fmt: skip
 
 
 def _steps_logged(run_log: Path) -> list[int]:

@@ -28,18 +28,10 @@ from ray_jobs.cli import main
 from ray_jobs.config import ExperimentConfig
 from ray_jobs.driver import run_local
 from ray_jobs.rundir import CORPUS_RECORD, LOCK_NAME, runs_using
-from tests.envs.lm_fixtures import make_synthetic_corpus
+from tests.conftest import REPO
+from tests.conftest import experiment as shared_experiment
 
-DOMAINS = ("alpha", "beta", "gamma")
-REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("prepared")
-    make_synthetic_corpus(out, domain_names=DOMAINS, train_tokens=6000, val_tokens=1200)
-    return out
 
 
 @pytest.fixture
@@ -49,29 +41,8 @@ def own_corpus(prepared: Path, tmp_path: Path) -> Path:
 
 
 def experiment(prepared: Path, out: Path, **over: Any) -> dict[str, Any]:
-    """A tiny in-process experiment (3 domains, 2-layer model, no tracking)."""
-    data: dict[str, Any] = {
-        "name": "t", "output_dir": str(out), "seed": 3,
-        "data": {"prepared_dir": str(prepared),
-                 "domains": [{"name": n, "source": {"paths": [f"/nonexistent/{n}.jsonl"]}} for n in DOMAINS]},
-        "lm": {"preset": "tiny", "seq_len": 32, "precision": "fp32", "num_threads": 1, "num_layers": 2,
-               "hidden_size": 64, "num_heads": 2},
-        "optim": {"lr": 3e-3, "warmup_fraction": 0.1},
-        "sampler": {"micro_batch_size": 2, "grad_accum": 3},
-        "train": {"total_steps": 8, "log_interval": 2},
-        "eval": {"interval": 4, "max_batches": 2, "batch_size": 4},
-        "checkpoint": {"interval": 4, "keep_last": 2},
-        "agent": {"kind": "uniform"},
-        "ray": {"enabled": False},
-        "tracking": {"enabled": False},
-    }  # fmt: skip
-    for key, value in over.items():
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return data
+    """The shared tiny in-process experiment, 8 steps."""
+    return shared_experiment(prepared, out, **{"train.total_steps": 8, **over})
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:
