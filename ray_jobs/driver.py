@@ -351,6 +351,9 @@ def run_local(
 ) -> dict[str, Any]:
     """Run a whole experiment in this process, without Ray (the debugging path)."""
     run_dir, ckpt_path = prepare_run_dir(cfg, resume)
+    done = finished_result(cfg, run_dir, ckpt_path)
+    if done is not None:
+        return done
     handler = add_file_log(run_dir)
     warn_about_reward_coverage(cfg)
     env = None
@@ -379,6 +382,37 @@ def run_local(
         if env is not None:
             env.close()
         remove_file_log(handler)
+
+
+def finished_result(cfg: ExperimentConfig, run_dir: Path, ckpt_path: Path | None) -> dict[str, Any] | None:
+    """The result of a run that is already finished (its checkpoint is at ``train.total_steps``), else None.
+
+    Running a finished run again (a second ``make demo``, the same ``acodm train``) must not train,
+    start Ray or touch MLflow: the caller returns this result as it is, with the last evaluation read
+    from the ledger, so the end-of-run summary is the same as the first time.
+    """
+    if ckpt_path is None:
+        return None
+    import json
+
+    step = int(json.loads((Path(ckpt_path) / "loop.json").read_text())["step"])
+    if step < cfg.train.total_steps:
+        return None
+    last_eval: dict[str, float] = {}
+    ledger_path = Path(run_dir) / LEDGER_FILE
+    if ledger_path.exists():
+        rows = [r for r in Ledger.load(ledger_path).rows if _finite(r.get("val/mean_ppl"))]
+        if rows:
+            last_eval = {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and _finite(v)}
+    log.info(
+        "run %s is already finished (checkpoint at step %d, train.total_steps=%d): nothing to train, nothing "
+        "logged to MLflow", run_dir, step, cfg.train.total_steps,
+    )
+    return {"run_dir": str(run_dir), "step": step, "eval": last_eval, "already_finished": True}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def finish_run(cfg: ExperimentConfig, run_dir: Path, mixer: Any, sink: Any | None) -> None:

@@ -523,8 +523,10 @@ def make_sink(
     """The sink for this process: an ``MLflowSink`` on rank 0 with tracking enabled, else a ``NullSink``.
 
     The new run gets the flattened config as params and ``default_tags``, ``tracking.tags`` and ``tags``. With
-    ``run_dir``, a run recorded in ``<run_dir>/mlflow_run.json`` for the same tracking URI and not
-    FINISHED is continued (a restarted worker group, ``--resume``), else a new run is recorded there.
+    ``run_dir``, the run recorded in ``<run_dir>/mlflow_run.json`` for the same tracking URI is
+    continued whatever its status (a restarted worker group, ``--resume``, a finished run extended)
+    as long as the store still has it and it is not deleted; else a new run is recorded there. (A run
+    already at ``train.total_steps`` never gets here: ``driver.finished_result`` stops it first.)
 
     Args:
         cfg: the experiment.
@@ -574,4 +576,4 @@ def _resumable(uri: str, run_id: str) -> bool:
         run = MlflowClient(tracking_uri=uri).get_run(run_id)
     except MlflowException:
         return False
-    return run.info.status != "FINISHED" and run.info.lifecycle_stage == "active"
+    return run.info.lifecycle_stage == "active"

@@ -191,3 +191,31 @@ def test_console_script_runs_again_with_the_allocator_env(monkeypatch: pytest.Mo
     assert os.environ["MALLOC_MMAP_THRESHOLD_"] == ALLOCATOR_ENV["MALLOC_MMAP_THRESHOLD_"]
     calls.clear()
     assert cli.console_main() == 0 and calls == []  # the environment is complete: no second exec
+
+
+@pytest.mark.slow
+def test_running_a_finished_run_again_adds_no_mlflow_run(prepared: Path, tmp_path: Path) -> None:
+    """A second ``acodm train`` of a finished run (a second ``make demo``) trains nothing and leaves MLflow
+    as it was: same run count, same run id in ``mlflow_run.json``, no new metric values."""
+    import sqlite3
+
+    cfg = ExperimentConfig.from_dict(
+        experiment(prepared, tmp_path, **{"train.total_steps": 4, "tracking.enabled": True})
+    )
+    first = run_local(cfg)
+    run_dir = tmp_path / "t"
+    db = tmp_path / "mlflow.db"
+
+    def counts() -> tuple[int, int]:
+        with sqlite3.connect(db) as con:
+            return (con.execute("select count(*) from runs").fetchone()[0],
+                    con.execute("select count(*) from metrics").fetchone()[0])
+
+    before, run_id = counts(), (run_dir / "mlflow_run.json").read_text()
+    ledger = read_ledger(run_dir)
+    assert before[0] == 1 and before[1] > 0
+    again = run_local(cfg)
+    assert counts() == before
+    assert (run_dir / "mlflow_run.json").read_text() == run_id
+    pd.testing.assert_frame_equal(read_ledger(run_dir), ledger)
+    assert again["already_finished"] and again["eval"]["val/mean_ppl"] == first["eval"]["val/mean_ppl"]

@@ -223,9 +223,11 @@ def test_restarted_run_continues_the_same_mlflow_run(sqlite_root: Path) -> None:
     client = _read(second.tracking_uri)
     assert [m.step for m in client.get_metric_history(first.run_id, "lm/loss")] == [1, 2]
     assert client.get_run(first.run_id).info.status == "FINISHED"
-    third = make_sink(cfg, rank=0, run_dir=run_dir)  # a FINISHED run is not reopened
-    assert third.run_id != first.run_id
+    # a FINISHED run is continued too (e.g. extended with --resume), never replaced by a new run
+    third = make_sink(cfg, rank=0, run_dir=run_dir)
+    assert third.run_id == first.run_id and third.resumed
     third.close()
+    assert len(client.search_runs([third.experiment_id])) == 1
 
 
 @pytest.mark.slow
