@@ -168,6 +168,16 @@ def plot_mixture_weights(runs: Sequence[Run], out_path: str | os.PathLike[str], 
     return save_figure(fig, out_path)
 
 
+def _interval_legend(groups: Mapping[str, Sequence[Run]], shape: str) -> str:
+    """The legend title's line about intervals: a 95% CI only exists for methods with several seeds."""
+    sizes = {len(rs) for rs in groups.values()}
+    if sizes == {1}:
+        return "method (seeds)\nn=1: no interval"
+    if 1 in sizes:
+        return f"method (seeds)\n{shape} = 95% CI (n>1 only)"
+    return f"method (seeds)\n{shape} = 95% CI"
+
+
 def _band(
     ax: object, x: np.ndarray, curve: pd.DataFrame, color: str, linestyle: object, label: str, *, marker: str = ""
 ) -> None:
@@ -218,7 +228,7 @@ def plot_metric_curves(
     ax_zoom.set_title("zoom: second half of training", fontsize=10)
     ax_tokens.set_title("against tokens trained", fontsize=10)
     handles, labels = ax_tokens.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", title="method (seeds)\nband = 95% CI")
+    fig.legend(handles, labels, loc="outside right upper", title=_interval_legend(groups, "band"))
     fig.suptitle(f"Validation {metric} (mean perplexity over target domains) per method, mean over seeds;"
                  " dots = evaluations")
     return save_figure(fig, out_path)
@@ -252,7 +262,8 @@ def plot_domain_curves(groups: Mapping[str, Sequence[Run]], out_path: str | os.P
         ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(1, len(labels))), title="method")
-    fig.suptitle("Validation perplexity per domain (mean over seeds, 95% band)")
+    several = any(len(rs) > 1 for rs in groups.values())
+    fig.suptitle("Validation perplexity per domain" + (" (mean over seeds, 95% band)" if several else " (n=1)"))
     return save_figure(fig, out_path)
 
 
@@ -302,7 +313,7 @@ def plot_final_domain_bars(
         tick.set_fontweight("bold")
     axes[-1].set_xlabel("domain (tick colour = the domain's colour in every plot)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", title="method (seeds)\nbar = 95% CI")
+    fig.legend(handles, labels, loc="outside right upper", title=_interval_legend(groups, "whisker"))
     fig.suptitle("Final validation perplexity per domain (mean over seeds)")
     return save_figure(fig, out_path)
 
@@ -352,7 +363,7 @@ def plot_agent_training(
     if not handles:
         return None
     fig.legend(list(handles.values()), [h.get_label() for h in handles.values()],  # type: ignore[attr-defined]
-               loc="outside right upper", title="method (seeds)\nband = 95% CI")
+               loc="outside right upper", title=_interval_legend(groups, "band"))
     fig.suptitle(f"Agent training signals (rolling mean over 1/{windows} of the run, then mean over seeds;"
                  " dotted vertical line = end of the agent's warmup)")
     return save_figure(fig, out_path)

@@ -84,7 +84,10 @@ def write_report(
     plots = render_plots(comparison, out / "plots")
     sections = _sections(comparison, runs)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    intro = f"{len(runs)} runs, {len(comparison.groups)} methods; generated {stamp}."
+    n_runs, n_methods = len(runs), len(comparison.groups)
+    intro = (f"{n_runs} run{'s' * (n_runs != 1)}, {n_methods} method{'s' * (n_methods != 1)}; generated {stamp}."
+             + (" One seed per method (n=1): no confidence intervals, and no difference can be told from noise."
+                if all(len(rs) == 1 for rs in comparison.groups.values()) else ""))
     _write_text(out / "report.md", render_markdown(title, intro, sections, plots, out))
     html_path = _write_text(out / "report.html", render_html(title, intro, sections, plots))
     log.info("report written: %s (and report.md, %d plots)", html_path, len(plots))
@@ -142,11 +145,15 @@ def comparison_table(c: Comparison) -> Table:
               "within uniform's seed noise"]
     rows = []
     for r in c.table.to_dict("records"):
-        if math.isfinite(r["steps_to_target"]):
+        if c.target is None:
+            steps = "\u2014 (no target)"
+        elif math.isfinite(r["steps_to_target"]):
             steps = _pm(r["steps_to_target"], r["steps_to_target_ci"], 4)
         else:
             steps = f"not reached ({r['reached']}/{r['seeds']} seeds reached)"
         ratio = f"{r['step_ratio']:.3g}\u00d7" if math.isfinite(r["step_ratio"]) else "\u2014"
+        if r["method"] == c.baseline and math.isfinite(r["step_ratio"]) and c.target_is_uniforms:
+            ratio += " (by construction)"
         if r["method"] == c.baseline:
             noise = "baseline"
         else:

@@ -82,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command(name: str) -> str:
+    """How to type console script ``name`` so that a printed hint runs as printed: the absolute path in this
+    interpreter's virtual environment (which need not be activated) when it has the script there, else
+    the bare name."""
+    if sys.prefix != sys.base_prefix:
+        path = Path(sys.prefix) / "bin" / name
+        if path.is_file():
+            return str(path)
+    return name
+
+
 def print_run_summary(cfg: ExperimentConfig, result: dict) -> None:
     """Tell the user where the run, its ledger and its MLflow record are (stdout)."""
     from ray_jobs.tracking import resolve_tracking_uri
@@ -94,10 +105,10 @@ def print_run_summary(cfg: ExperimentConfig, result: dict) -> None:
     if cfg.tracking.enabled:
         uri = resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir)
         if uri.startswith("sqlite:"):
-            lines.append(f"MLflow        : mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+            lines.append(f"MLflow        : {command('mlflow')} ui --backend-store-uri {uri} --host 127.0.0.1")
         else:
             lines.append(f"MLflow        : {uri} (experiment {cfg.tracking.experiment_name!r})")
-    lines.append(f"report        : acodm report {run_dir} --out {run_dir / 'report'}")
+    lines.append(f"report        : {command('acodm')} report {run_dir} --out {run_dir / 'report'}")
     print("\n".join(lines))
 
 

@@ -33,7 +33,7 @@ def test_report_holds_the_hand_computed_table_and_every_plot(rendered_report):
     md = (out / "report.md").read_text()
     # uniform: final 31 +- 2.48; steps mean(38, 40, 30 + 100/11) = 39.03; the baseline
     assert _row(md, "uniform") == ["uniform", "3", "31 \u00b1 2.5", "30.41 \u00b1 2.5", "39.03 \u00b1 2.5",
-                                   "1\u00d7", "39k", "0.6 \u00b1 0.25", "40k", "baseline"]
+                                   "1\u00d7 (by construction)", "39k", "0.6 \u00b1 0.25", "40k", "baseline"]
     # AC-ODM: final 25.5 +- 6.35; steps mean(20 + 20/3, 25) = 25.83; ratio 0.662; real differences
     ac = _row(md, "AC-ODM (online)")
     assert ac[:3] == ["AC-ODM (online)", "2", "25.5 \u00b1 6.4"]
@@ -59,9 +59,10 @@ def test_report_holds_the_hand_computed_table_and_every_plot(rendered_report):
 
 
 def test_report_with_a_target_and_no_uniform_run(run_dirs, tmp_path, no_plots):
-    with pytest.raises(ValueError, match="no uniform run among the 2 runs .* and no --target given"):
-        build_report(run_dirs["ac_odm"], tmp_path / "r")
-    assert not (tmp_path / "r" / "report.html").exists()
+    build_report(run_dirs["ac_odm"], tmp_path / "none")
+    md = (tmp_path / "none" / "report.md").read_text()
+    assert "No target: no uniform run" in md
+    assert _row(md, "AC-ODM (online)")[4] == "\u2014 (no target)"
     build_report(run_dirs["ac_odm"], tmp_path / "r", target=30.0)
     row = _row((tmp_path / "r" / "report.md").read_text(), "AC-ODM (online)")
     assert row[5] == "\u2014" and row[-1] == "n/a"  # no ratio, no noise flag without uniform
@@ -79,8 +80,16 @@ def test_cli_report_success_and_clear_error(run_dirs, tmp_path, capsys, no_plots
     assert (tmp_path / "cli" / "report.html").is_file()
     assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "bad")]) == 2
     assert "missing' does not exist" in capsys.readouterr().err
-    assert main(["report", *[str(d) for d in run_dirs["ac_odm"]], "--out", str(tmp_path / "bad")]) == 2
-    assert "no uniform run" in capsys.readouterr().err
+
+
+def test_report_of_a_single_run_works_as_the_train_hint_prints_it(run_dirs, tmp_path, capsys):
+    """``acodm train`` ends with ``acodm report runs/X --out runs/X/report``: one run, no uniform, no target."""
+    run_dir = run_dirs["ac_odm"][0]
+    assert main(["report", str(run_dir), "--out", str(run_dir / "report")]) == 0, capsys.readouterr().err
+    md = (run_dir / "report" / "report.md").read_text()
+    assert md.count("| AC-ODM (online) | 1 |") == 1
+    assert "1 run, 1 method" in md and "(n=1)" in md and "95% CI" not in md
+    assert (run_dir / "report" / "plots" / "val_mean_ppl.png").is_file()
 
 
 @pytest.mark.slow
