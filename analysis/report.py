@@ -35,6 +35,7 @@ SHARED_KEYS = ("lm.preset", "lm.seq_len", "train.total_steps", "sampler.micro_ba
                "ray.enabled", "ray.num_workers", "optim.lr", "eval.interval", "eval.max_batches", "data.prepared_dir")
 
 Table = tuple[list[str], list[list[str]]]
+SUMMARY_FILE = "summary.md"  # the comparison table and the verdict alone, what `acodm report` prints
 
 
 def build_report(
@@ -88,7 +89,9 @@ def write_report(
     intro = (f"{n_runs} run{'s' * (n_runs != 1)}, {n_methods} method{'s' * (n_methods != 1)}; generated {stamp}."
              + (" One seed per method (n=1): no confidence intervals, and no difference can be told from noise."
                 if all(len(rs) == 1 for rs in comparison.groups.values()) else ""))
+    sections["verdict"] = verdict(comparison)
     _write_text(out / "report.md", render_markdown(title, intro, sections, plots, out))
+    _write_text(out / SUMMARY_FILE, _md_table(sections["comparison"]) + "\n\n" + sections["verdict"] + "\n")
     html_path = _write_text(out / "report.html", render_html(title, intro, sections, plots))
     log.info("report written: %s (and report.md, %d plots)", html_path, len(plots))
     return html_path
@@ -175,6 +178,45 @@ def domain_table(c: Comparison) -> Table:
     return header, rows
 
 
+def verdict(c: Comparison) -> str:
+    """One honest sentence: which method ends lowest in ``c.metric`` and by how much against uniform,
+    with the caveat that applies (one seed, or a difference inside uniform's seed-to-seed spread)."""
+    t = c.table.set_index("method")
+    best = str(t["final_ppl"].idxmin())
+    if c.baseline is None:
+        if len(t) == 1:
+            return (f"Verdict: one method only ({best}, final {c.metric} {_num(t.loc[best, 'final_ppl'])}); "
+                    "nothing to compare it with (add a uniform run for a verdict).")
+        return (f"Verdict: {best} ends lowest ({c.metric} {_num(t.loc[best, 'final_ppl'])}); no uniform run, so no "
+                "ratios and no noise estimate.")
+    u = t.loc[c.baseline]
+    others = t.drop(index=c.baseline)
+    if others.empty:
+        return f"Verdict: uniform only (final {c.metric} {_num(u['final_ppl'])}); nothing to compare it with."
+    if best == c.baseline:
+        best = str(others["final_ppl"].idxmin())
+    row = t.loc[best]
+    rel = (row["final_ppl"] / u["final_ppl"] - 1) * 100
+    direction = "lower" if rel < 0 else "higher"
+    text = (f"Verdict: {best} ends at {c.metric} {_num(row['final_ppl'])} against uniform's {_num(u['final_ppl'])} "
+            f"({abs(rel):.1f}% {direction})")
+    if math.isfinite(row["step_ratio"]):
+        text += f" and reaches uniform's target in {row['step_ratio']:.2f}\u00d7 uniform's steps"
+    elif c.target is not None:
+        text += " and does not reach uniform's target"
+    if rel >= 0:
+        text += "; no method beats uniform"
+    n = min(len(c.groups[best]), len(c.groups[c.baseline]))
+    if n == 1:
+        text += (". One seed each (n=1): this difference cannot be told from seed-to-seed noise; run more seeds "
+                 "before calling a winner.")
+    elif row["ppl_noise"]:
+        text += f". That is inside uniform's seed-to-seed spread (sd {_num(c.uniform_ppl_sd, 3)}): not a win."
+    else:
+        text += f", beyond uniform's seed-to-seed spread (sd {_num(c.uniform_ppl_sd, 3)}, {n}+ seeds each)."
+    return text
+
+
 def config_table(runs: Sequence[Run]) -> tuple[list[str], Table]:
     """(shared settings as 'key: value' lines, table of the keys that differ between runs)."""
     flat = [flatten_config(r.config) for r in runs]
@@ -213,7 +255,7 @@ def render_markdown(
     title: str, intro: str, s: dict, plots: list[tuple[str, Path]], out_dir: Path
 ) -> str:
     """The report as Markdown, plots linked relative to ``out_dir``."""
-    parts = [f"# {title}", intro, "## Comparison", _md_table(s["comparison"]),
+    parts = [f"# {title}", intro, "## Comparison", _md_table(s["comparison"]), f"**{s['verdict']}**",
              "\n".join(f"- {n}" for n in s["notes"]),
              "## Final validation perplexity per domain", _md_table(s["domains"]), "## Plots"]
     for caption, path in plots:
@@ -243,7 +285,7 @@ def render_html(title: str, intro: str, s: dict, plots: list[tuple[str, Path]]) 
     e = html.escape
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1><p>{e(intro)}</p>",
-             "<h2>Comparison</h2>", _html_table(s["comparison"]),
+             "<h2>Comparison</h2>", _html_table(s["comparison"]), f"<p><b>{e(s['verdict'])}</b></p>",
              "<ul>" + "".join(f"<li>{e(n)}</li>" for n in s["notes"]) + "</ul>",
              "<h2>Final validation perplexity per domain</h2>", _html_table(s["domains"]), "<h2>Plots</h2>"]
     for caption, path in plots:

@@ -159,9 +159,11 @@ def run(args: argparse.Namespace) -> int:
         run_proxy(cfg)
         return 0
     if args.command == "report":
-        from analysis.report import build_report
+        from analysis.report import SUMMARY_FILE, build_report
 
-        build_report(args.run_dirs, args.out, target=args.target)
+        html_path = build_report(args.run_dirs, args.out, target=args.target)
+        print((html_path.parent / SUMMARY_FILE).read_text(), end="")
+        print(f"report: {html_path} (and report.md, plots/)")
         return 0
     if args.command == "export":
         from envs.export import export_hf

@@ -90,6 +90,21 @@ def test_report_of_a_single_run_works_as_the_train_hint_prints_it(run_dirs, tmp_
     assert md.count("| AC-ODM (online) | 1 |") == 1
     assert "1 run, 1 method" in md and "(n=1)" in md and "95% CI" not in md
     assert (run_dir / "report" / "plots" / "val_mean_ppl.png").is_file()
+    out = capsys.readouterr().out
+    assert "| AC-ODM (online) | 1 |" in out and "Verdict: one method only" in out
+
+
+def test_cli_report_prints_the_table_and_an_honest_verdict(run_dirs, tmp_path, capsys, no_plots):
+    dirs = [str(d) for d in _all(run_dirs)]
+    assert main(["report", *dirs, "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "| uniform | 3 |" in out
+    # AC-ODM: 25.5 vs 31 = 17.7% lower, ratio 0.66, outside uniform's sd of 1.0
+    assert "Verdict: AC-ODM (online) ends at val/mean_ppl 25.5 against uniform's 31 (17.7% lower)" in out
+    assert "0.66\u00d7 uniform's steps" in out and "beyond uniform's seed-to-seed spread" in out
+    one_seed = [str(run_dirs["uniform"][0]), str(run_dirs["natural"][0])]
+    assert main(["report", *one_seed, "--out", str(tmp_path / "n1")]) == 0
+    assert "n=1" in capsys.readouterr().out
 
 
 @pytest.mark.slow
