@@ -176,8 +176,8 @@ class RunLoop:
         if self.obs is None:
             self.obs, _ = self.env.reset(seed=cfg.seed)
         start = time.perf_counter() - self.wall_offset
-        bar = _progress(total, self.step) if self.rank == 0 else None
-        last_eval: dict[str, float] = {}
+        last_eval: dict[str, float] = self._evaluate_initial(start) if self.step == 0 else {}
+        bar = ProgressLine(total, self.step, cfg.train.log_interval) if self.rank == 0 else None
         while self.step < total:
             t0 = time.perf_counter()
             weights_K = self.mixer.act(self.obs, explore=True) if self.rank == 0 else None
@@ -225,18 +225,32 @@ class RunLoop:
             self.ledger.flush()
         return {"run_dir": str(self.run_dir), "step": self.step, "eval": last_eval}
 
+    def _evaluate_initial(self, start: float) -> dict[str, float]:
+        """Evaluate the untrained model (step 0, every rank: evaluation is collective) so that curves start at
+        the initial perplexity; rank 0 records it as the ledger's step-0 row and logs it. Only a fresh run
+        gets here: a resumed run's ledger already holds this row, so it is never evaluated twice."""
+        metrics = self.env.unwrapped.evaluate()
+        if self.rank == 0:
+            row: dict[str, Any] = {"step": 0, "tokens": 0, "wall_time": time.perf_counter() - start}
+            row.update(metrics)
+            self.ledger.append(row)
+            if self.sink is not None:
+                self.sink.log_metrics({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}, step=0)
+            if "val/mean_ppl" in metrics:
+                log.info("step 0/%d (untrained) val/mean_ppl %.3f", self.cfg.train.total_steps, metrics["val/mean_ppl"])
+        return dict(metrics)
+
     def _record(self, row: dict[str, Any], agent_metrics: dict[str, float], bar: Any, evaluated: bool) -> None:
-        """Progress bar / log line and batched metrics, rank 0 only."""
+        """Progress line and batched metrics, rank 0 only."""
         interval = self.cfg.train.log_interval
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{self._tok_s(row):.0f}")
-        elif self.step % interval == 0 or evaluated:
-            log.info(
-                "step %d/%d loss %.4f reward %+.3f tokens/s %.0f%s",
-                self.step, self.cfg.train.total_steps, row["loss"], row["reward"], self._tok_s(row),
-                f" val/mean_ppl {row['val/mean_ppl']:.3f}" if "val/mean_ppl" in row else "",
-            )
+            weights = {name: row[f"weight/{name}"] for name in self.domain_names}
+            top = max(weights, key=weights.__getitem__)
+            postfix = (f"loss {row['loss']:.3f} | {_si(self._tok_s(row))} tok/s | reward {row['reward']:+.3f} | "
+                       f"top {top} {weights[top]:.2f}")
+            if "val/mean_ppl" in row:
+                postfix += f" | val/mean_ppl {row['val/mean_ppl']:.3f}"
+            bar.update(self.step, postfix, force=evaluated)
         if self.sink is not None and (self.step % interval == 0 or evaluated):
             self.sink.log_metrics(self._metrics(row, agent_metrics), step=self.step)
 
@@ -245,13 +259,65 @@ class RunLoop:
         return (row["tokens"] - self._prev_tokens) / step_s if step_s and step_s > 0 else float("nan")
 
 
-def _progress(total: int, initial: int) -> Any:
-    """A tqdm bar on a terminal, None otherwise (plain log lines are used then)."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
+PROGRESS_FORMAT = "{desc} {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}]{postfix}"
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+class ProgressLine:
+    """Rank 0's progress: ``train 120/200 (60%) [01:02<00:41], loss 4.1 | 15.2k tok/s | ... | top code 0.31``.
+
+    One look everywhere, from tqdm's formatter (elapsed, ETA): on a terminal it is one live tqdm line on
+    stderr, redrawn at most twice a second; where stderr is not a terminal (a Ray Train worker, whose
+    output Ray forwards to the driver prefixed by the worker's name; a redirected run) the same text is a
+    plain INFO log record every ``train.log_interval`` steps and at every evaluation, so no carriage
+    returns or ANSI codes reach ``run.log`` or Ray's logs. Evaluation steps are logged in both cases, so
+    ``run.log`` always holds them.
+    """
+
+    def __init__(self, total: int, initial: int, interval: int) -> None:
+        """Start the clock at step ``initial`` (a resumed run's ETA uses only this session's rate)."""
+        from tqdm import tqdm
+
+        self.total, self.initial, self.interval = total, initial, max(1, interval)
+        self.start = time.perf_counter()
+        self._tqdm = tqdm
+        self.bar = (
+            tqdm(total=total, initial=initial, desc="train", bar_format=PROGRESS_FORMAT, dynamic_ncols=True,
+                 mininterval=0.5)
+            if sys.stderr.isatty() else None
+        )
+
+    def text(self, step: int, postfix: str) -> str:
+        """The line for ``step`` (without drawing it)."""
+        elapsed = time.perf_counter() - self.start
+        return self._tqdm.format_meter(step, self.total, elapsed, prefix="train", bar_format=PROGRESS_FORMAT,
+                                       postfix=postfix, initial=self.initial)
+
+    def update(self, step: int, postfix: str, *, force: bool = False) -> None:
+        """Move to ``step``; ``force`` logs the line whatever the interval (evaluation steps)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.update(step - self.bar.n)
+            if force:
+                self.bar.clear()
+                log.info("%s", self.text(step, postfix))
+                self.bar.refresh()
+        elif force or step % self.interval == 0 or step >= self.total:
+            log.info("%s", self.text(step, postfix))
+
+    def close(self) -> None:
+        """End the live line (a terminal gets its final state)."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _si(x: float) -> str:
+    """``15234.0`` -> ``15.2k`` (NaN stays ``nan``)."""
+    if not math.isfinite(x):
+        return "nan"
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
 
 
 # --------------------------------------------------------------------------------------------- builders

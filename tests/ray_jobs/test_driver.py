@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +31,11 @@ def test_static_run_writes_ledger_config_and_checkpoints(prepared: Path, tmp_pat
     result = run_local(cfg)
     run_dir = tmp_path / "t"
     ledger = read_ledger(run_dir)
-    assert list(ledger["step"]) == list(range(1, 13))
+    assert list(ledger["step"]) == list(range(0, 13))
+    # step 0: the untrained model's evaluation only (curves start at the initial perplexity)
+    initial = ledger.iloc[0]
+    assert initial["tokens"] == 0 and np.isnan(initial["loss"]) and initial["val/mean_ppl"] > 0
+    ledger = ledger.iloc[1:]
     # uniform mixer: every step's weights are uniform, micro-batch counts sum to the step's total
     weights = ledger[[f"weight/{d}" for d in DOMAINS]].to_numpy()
     np.testing.assert_allclose(weights, 1 / 3)
@@ -39,11 +44,19 @@ def test_static_run_writes_ledger_config_and_checkpoints(prepared: Path, tmp_pat
     assert (ledger["tokens"].diff().dropna() == 3 * 2 * 32).all()
     evaluated = ledger.dropna(subset=["val/mean_ppl"])
     assert list(evaluated["step"]) == [4, 8, 12]
+    assert initial["val/mean_ppl"] > evaluated["val/mean_ppl"].iloc[-1]  # training lowered it
     assert np.isfinite(evaluated[[f"val/ppl/{d}" for d in DOMAINS]].to_numpy()).all()
     assert result["eval"]["val/mean_ppl"] == pytest.approx(evaluated["val/mean_ppl"].iloc[-1])
     assert [p.name for p in checkpoint_dirs(run_dir)] == ["step_00000008", "step_00000012"]
     assert load_config(run_dir / "config.yaml") == cfg
-    assert (run_dir / "run.log").read_text().count("checkpoint step") == 3
+    run_log = (run_dir / "run.log").read_text()
+    assert run_log.count("checkpoint step") == 3
+    # the progress line (stderr is not a terminal under pytest): plain records every log_interval (2) steps
+    progress = [ln.split("ray_jobs.driver: ", 1)[1] for ln in run_log.splitlines() if "driver: train " in ln]
+    assert [p.split()[1] for p in progress] == [f"{s}/12" for s in (2, 4, 6, 8, 10, 12)]
+    assert re.fullmatch(r"train 12/12 \(100%\) \[\d\d:\d\d<00:00\], loss \d\.\d{3} \| [\d.]+k? tok/s \| "
+                        r"reward [+-]\d\.\d{3} \| top alpha 0\.33 \| val/mean_ppl [\d.]+", progress[-1]), progress[-1]
+    assert "\r" not in run_log and "\x1b" not in run_log
 
 
 def test_resume_from_checkpoint_is_bit_identical(prepared: Path, tmp_path: Path) -> None:
@@ -102,7 +115,7 @@ def test_sigkill_between_checkpoints_then_resume_matches_uninterrupted(
     done = subprocess.run([*cmd[:-2], "train", str(cfg_path), "--resume", str(run_dir)], cwd=REPO, env=env)
     assert done.returncode == 0
     resumed = read_ledger(run_dir)
-    assert list(resumed["step"]) == list(range(1, steps + 1))
+    assert list(resumed["step"]) == list(range(0, steps + 1))  # step 0 evaluated once, not again on resume
     timing = [c for c in reference.columns if c.startswith("time/") or c == "wall_time"]
     pd.testing.assert_frame_equal(
         resumed.drop(columns=timing), reference.drop(columns=timing), check_exact=True
