@@ -85,6 +85,11 @@ class RunLoop:
         self.wall_offset = 0.0
         self.obs: np.ndarray | None = None
         self._prev_tokens = 0
+        # per-step metrics since the last sink batch: MLflow gets their mean over the logging interval
+        self._window: dict[str, list[float]] = {}
+        self._domain_tokens = dict.fromkeys(self.domain_names, 0)
+        self._skipped_total = 0
+        self._train_tokens = domain_train_tokens(cfg.data.prepared_dir, self.domain_names)
 
     @property
     def backend(self) -> Any:
@@ -105,6 +110,10 @@ class RunLoop:
                 rows = Ledger.load(self.run_dir / LEDGER_FILE).rows
             self.ledger = Ledger(self.run_dir / LEDGER_FILE, rows)
             self.ledger.truncate(int(loop["ledger_rows"]))
+            for row in self.ledger.rows:  # running totals the MLflow metrics continue from
+                for name in self.domain_names:
+                    self._domain_tokens[name] += int(row.get(f"tokens/{name}") or 0)
+                self._skipped_total += int(bool(row.get("skipped")))
         self.step = int(loop["step"])
         self.tokens_total = int(loop["tokens"])
         self.wall_offset = float(loop["wall_time"])
@@ -151,9 +160,36 @@ class RunLoop:
         dist.broadcast(buf, src=0)
         return buf.numpy()
 
+    def _accumulate(self, row: dict[str, Any], agent_metrics: dict[str, float]) -> None:
+        """Add one step's metrics to the logging window, and the step's tokens to the running totals."""
+        for key, value in self._metrics(row, agent_metrics).items():
+            if not key.startswith("val/"):
+                self._window.setdefault(key, []).append(value)
+        for name in self.domain_names:
+            self._domain_tokens[name] += int(row.get(f"tokens/{name}") or 0)
+        self._skipped_total += int(bool(row.get("skipped")))
+
+    def _window_metrics(self, row: dict[str, Any]) -> dict[str, float]:
+        """What one sink batch holds: the mean of every per-step metric over the steps since the last batch
+        (not one step's value, which a noisy loss makes misleading), plus running totals and evaluations."""
+        out = {k: float(np.mean(v)) for k, v in self._window.items() if v}
+        self._window.clear()
+        out["lm/skipped_steps"] = float(self._skipped_total)
+        out["data/tokens"] = float(self.tokens_total)
+        for name in self.domain_names:
+            out[f"data/tokens/{name}"] = float(self._domain_tokens[name])
+            if self._train_tokens and self._train_tokens.get(name):
+                out[f"data/epochs/{name}"] = self._domain_tokens[name] / self._train_tokens[name]
+        out.update({k: float(v) for k, v in row.items() if k.startswith("val/") and _finite(v)})
+        return out
+
     def _metrics(self, row: dict[str, Any], agent_metrics: dict[str, float]) -> dict[str, float]:
-        """Namespaced metrics for the sink, from a ledger row."""
-        out: dict[str, float] = {"lm/loss": row["loss"], "lm/lr": row["lr"], "env/reward": row["reward"]}
+        """Namespaced metrics of one step, from its ledger row."""
+        out: dict[str, float] = {"lm/loss": row["loss"], "lm/lr": row["lr"], "env/reward": row["reward"],
+                                 "lm/grad_norm": row.get("grad_norm", math.nan)}
+        weights = np.array([row[f"weight/{name}"] for name in self.domain_names], dtype=float)
+        positive = weights[weights > 0]
+        out["mix/entropy"] = float(-(positive * np.log(positive)).sum())  # nats; log(K) = uniform
         for name in self.domain_names:
             out[f"lm/loss/{name}"] = row[f"loss/{name}"]
             out[f"mix/weight/{name}"] = row[f"weight/{name}"]
@@ -251,8 +287,10 @@ class RunLoop:
             if "val/mean_ppl" in row:
                 postfix += f" | val/mean_ppl {row['val/mean_ppl']:.3f}"
             bar.update(self.step, postfix, force=evaluated)
-        if self.sink is not None and (self.step % interval == 0 or evaluated):
-            self.sink.log_metrics(self._metrics(row, agent_metrics), step=self.step)
+        if self.sink is not None:
+            self._accumulate(row, agent_metrics)
+            if self.step % interval == 0 or evaluated or self.step >= self.cfg.train.total_steps:
+                self.sink.log_metrics(self._window_metrics(row), step=self.step)
 
     def _tok_s(self, row: dict[str, Any]) -> float:
         step_s = row.get("time/step_s") or float("nan")
@@ -475,6 +513,20 @@ def finished_result(cfg: ExperimentConfig, run_dir: Path, ckpt_path: Path | None
         "logged to MLflow", run_dir, step, cfg.train.total_steps,
     )
     return {"run_dir": str(run_dir), "step": step, "eval": last_eval, "already_finished": True}
+
+
+def domain_train_tokens(prepared_dir: str | Path, names: list[str]) -> dict[str, int] | None:
+    """Training tokens per domain from the prepared corpus's ``manifest.json`` (None if unreadable): the
+    denominator of the passes (epochs) over each domain."""
+    import json
+
+    try:
+        manifest = json.loads((Path(prepared_dir) / "manifest.json").read_text())
+        counts = {d["name"]: int(d["splits"]["train"]["num_tokens"]) for d in manifest["domains"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("no per-domain token counts from %s/manifest.json (%s): no epochs metrics", prepared_dir, exc)
+        return None
+    return {n: counts[n] for n in names if n in counts}
 
 
 def _finite(value: Any) -> bool:

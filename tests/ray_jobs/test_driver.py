@@ -232,3 +232,24 @@ def test_running_a_finished_run_again_adds_no_mlflow_run(prepared: Path, tmp_pat
     assert (run_dir / "mlflow_run.json").read_text() == run_id
     pd.testing.assert_frame_equal(read_ledger(run_dir), ledger)
     assert again["already_finished"] and again["eval"]["val/mean_ppl"] == first["eval"]["val/mean_ppl"]
+
+
+def test_metrics_are_means_over_the_logging_interval(prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    from ray_jobs.tracking import InMemorySink
+
+    sink = InMemorySink()
+    monkeypatch.setattr("ray_jobs.tracking.make_sink", lambda *a, **k: sink)
+    cfg = ExperimentConfig.from_dict(experiment(prepared, tmp_path, **{"train.total_steps": 6, "train.log_interval": 3}))
+    run_local(cfg)
+    ledger = read_ledger(tmp_path / "t").set_index("step")
+    loss = sink.history("lm/loss")
+    assert [s for s, _ in loss] == [3, 4, 6]  # every 3 steps and at the evaluation at step 4
+    assert loss[0][1] == pytest.approx(ledger.loc[1:3, "loss"].mean())
+    assert loss[1][1] == pytest.approx(ledger.loc[4, "loss"])
+    assert loss[2][1] == pytest.approx(ledger.loc[5:6, "loss"].mean())
+    assert sink.history("val/mean_ppl")[0] == (0, pytest.approx(ledger.loc[0, "val/mean_ppl"]))
+    assert sink.history("data/tokens/alpha")[-1][1] == ledger["tokens/alpha"].sum()
+    epochs = sink.history("data/epochs/alpha")[-1][1]
+    assert 0 < epochs < ledger["tokens/alpha"].sum()  # a fraction of a pass over alpha's training tokens
+    assert sink.history("mix/entropy")[0][1] == pytest.approx(np.log(3))  # uniform over 3 domains
+    assert {"lm/grad_norm", "lm/lr", "lm/skipped_steps", "perf/tokens_per_s"} <= set(sink.metrics)
