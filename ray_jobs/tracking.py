@@ -44,6 +44,10 @@ RUN_ID_FILE = "mlflow_run.json"
 PARENT_TAG = "mlflow.parentRunId"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 MANIFEST_TAG = "acodm.manifest_hash"
+DESCRIPTION_TAG = "mlflow.note.content"  # the run page's Description
+# MLflow 3's UI opens an experiment on its GenAI (traces) view unless told its kind; this tag is what
+# the UI reads (values in its ExperimentKind enum), so the experiment opens on the model-training view.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_TRACKED_BATCHES = 10_000  # metric batches whose outcome close() still checks
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # what MLflow accepts in metric/param names
@@ -274,7 +278,8 @@ def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> 
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # created by someone else in the meantime
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -284,6 +289,8 @@ def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> 
             f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore`) or choose "
             f"another tracking.experiment_name"
         )
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # created before this tag was set, or by someone else
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -565,7 +572,36 @@ def make_sink(
             sink.set_tags(tags)
     if log_params:
         sink.log_params(flatten(cfg))
+    if isinstance(sink, MLflowSink) and not sink.resumed:
+        sink.set_tags({DESCRIPTION_TAG: run_description(cfg)})
+        log_dataset_input(sink, cfg)
     return sink
+
+
+def run_description(cfg: ExperimentConfig) -> str:
+    """The run page's Description: what was trained, on what, steered by which mixer."""
+    targets = [d.name for d in cfg.data.domains if d.target]
+    others = [d.name for d in cfg.data.domains if not d.target]
+    return (
+        f"acodm run `{cfg.name}`: a `{cfg.lm.preset}` LM pretrained for {cfg.train.total_steps} steps "
+        f"(seq_len {cfg.lm.seq_len}) on {len(cfg.data.domains)} domains of `{cfg.data.prepared_dir}`, the "
+        f"mixture chosen online by `{cfg.agent.kind}`. Target domains (val/mean_ppl averages them): "
+        f"{', '.join(targets)}" + (f"; not targets: {', '.join(others)}" if others else "") + ". "
+        "Metrics are means over each logging interval; the ledger and config are artifacts."
+    )
+
+
+def log_dataset_input(sink: MLflowSink, cfg: ExperimentConfig) -> None:
+    """Record the prepared corpus as the run's training dataset (name, manifest digest, source path)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    digest = manifest_hash(cfg.data.prepared_dir)
+    if digest is None:
+        return
+    path = Path(cfg.data.prepared_dir).expanduser().resolve()
+    dataset = Dataset(name=path.name if path.name != "prepared" else f"{path.parent.name}/{path.name}",
+                      digest=digest[:20], source_type="local", source=json.dumps({"uri": path.as_uri()}))
+    sink._client.log_inputs(sink.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])])
 
 
 def _resumable(uri: str, run_id: str) -> bool:

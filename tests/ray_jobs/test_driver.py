@@ -225,6 +225,16 @@ def test_running_a_finished_run_again_adds_no_mlflow_run(prepared: Path, tmp_pat
                     con.execute("select count(*) from metrics").fetchone()[0])
 
     before, run_id = counts(), (run_dir / "mlflow_run.json").read_text()
+    # what the MLflow UI shows: model-training view, a description, the corpus as the dataset input
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.get_run(first_run_id := __import__("json").loads(run_id)["run_id"])
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "acodm run `t`" in run.data.tags["mlflow.note.content"]
+    (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+    assert dataset.digest and str(prepared.resolve()) in dataset.source
+    assert client.get_metric_history(first_run_id, "val/mean_ppl")[0].step == 0
     ledger = read_ledger(run_dir)
     assert before[0] == 1 and before[1] > 0
     again = run_local(cfg)
