@@ -298,8 +298,9 @@ def plot_final_domain_bars(
         for j, method in enumerate(methods):
             if ax is not axes[0] and method == baseline:
                 continue
+            err = errs.loc[method, columns].to_numpy(float)
             ax.bar(x + (j - (len(methods) - 1) / 2) * width, values.loc[method, columns].to_numpy(float), width,
-                   yerr=np.nan_to_num(errs.loc[method, columns].to_numpy(float), nan=0.0), capsize=2,
+                   yerr=None if np.isnan(err).all() else np.nan_to_num(err, nan=0.0), capsize=2,  # n=1: no whisker
                    color=colors[method], label=f"{method} (n={len(groups[method])})",
                    error_kw={"ecolor": "#888888", "elinewidth": 1.2})
         ax.set_ylabel(ylabel)
@@ -307,14 +308,17 @@ def plot_final_domain_bars(
     if nrows == 2:
         axes[1].axhline(0, color="black", linewidth=1)
     labels = [d if d in first.target_domains else f"{d}\n(not a target)" for d in domains]
-    axes[-1].set_xticks(x, [*labels, f"{metric}\n(mean over targets)"])
+    # slanted, so that long domain names never run into each other
+    axes[-1].set_xticks(x, [*labels, f"{metric}\n(mean over targets)"], rotation=25, ha="right",
+                        rotation_mode="anchor")
     for tick, domain in zip(axes[-1].get_xticklabels(), domains, strict=False):
         tick.set_color(dcolors[domain])
         tick.set_fontweight("bold")
     axes[-1].set_xlabel("domain (tick colour = the domain's colour in every plot)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", title=_interval_legend(groups, "whisker"))
-    fig.suptitle("Final validation perplexity per domain (mean over seeds)")
+    several = any(len(rs) > 1 for rs in groups.values())
+    fig.suptitle("Final validation perplexity per domain" + (" (mean over seeds)" if several else " (n=1)"))
     return save_figure(fig, out_path)
 
 
