@@ -18,6 +18,8 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from analysis.metrics import Comparison, compare, per_domain_final
 from analysis.plots import (
     plot_agent_training,
@@ -25,6 +27,8 @@ from analysis.plots import (
     plot_final_domain_bars,
     plot_metric_curves,
     plot_mixture_weights,
+    plot_train_loss_per_domain,
+    plot_training_dynamics,
 )
 from analysis.runs import PER_RUN_KEYS, Run, config_differences, flatten_config, load_mlflow_runs, load_run
 
@@ -106,6 +110,11 @@ def render_plots(comparison: Comparison, plot_dir: Path) -> list[tuple[str, Path
         ("Validation perplexity per domain", plot_domain_curves(groups, plot_dir / "val_ppl_per_domain.png")),
         ("Final validation perplexity per domain",
          plot_final_domain_bars(groups, plot_dir / "final_ppl_per_domain.png", metric=metric)),
+    ]
+    plots += [
+        ("Training dynamics: train loss, gradient norm, learning rate, throughput, mixture entropy; "
+         "validation against wall-clock time", plot_training_dynamics(groups, plot_dir / "training_dynamics.png")),
+        ("Training loss per domain against tokens", plot_train_loss_per_domain(groups, plot_dir / "train_loss_per_domain.png")),
     ]
     agent = plot_agent_training(groups, plot_dir / "agent_training.png")
     if agent is not None:
@@ -217,6 +226,48 @@ def verdict(c: Comparison) -> str:
     return text
 
 
+MAX_EPOCHS = 4.0  # passes over a domain beyond which repetition starts to cost (Muennighoff et al., 2023)
+
+
+def manifest_train_tokens(run: Run) -> dict[str, int] | None:
+    """Training tokens per domain from the run's prepared corpus ``manifest.json``; None when unreadable."""
+    import json
+
+    prepared = (run.config.get("data") or {}).get("prepared_dir")
+    try:
+        manifest = json.loads((Path(str(prepared)) / "manifest.json").read_text())
+        return {d["name"]: int(d["splits"]["train"]["num_tokens"]) for d in manifest["domains"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def data_table(c: Comparison) -> tuple[Table, list[str]]:
+    """Tokens trained per domain and passes (epochs) over each domain's training split, per method (mean
+    over seeds), and a warning for every domain repeated more than ``MAX_EPOCHS`` times."""
+    first = next(iter(c.groups.values()))[0]
+    sizes = manifest_train_tokens(first)
+    header = ["method"] + list(first.domain_names)
+    rows, warnings = [], []
+    for method, runs in c.groups.items():
+        cells = [method]
+        for d in first.domain_names:
+            col = f"tokens/{d}"
+            tokens = float(np.mean([r.ledger[col].sum() if col in r.ledger.columns else math.nan for r in runs]))
+            if sizes and sizes.get(d):
+                epochs = tokens / sizes[d]
+                cells.append(f"{_tokens(tokens)} ({epochs:.2f} ep)")
+                if epochs > MAX_EPOCHS:
+                    warnings.append(f"Warning: {method} trained {epochs:.1f} epochs of {d} (more than {MAX_EPOCHS:g}): "
+                                    "repeated data; the domain is too small for this budget and mixture.")
+            else:
+                cells.append(_tokens(tokens))
+        rows.append(cells)
+    if not sizes:
+        warnings.append(f"No epochs: the prepared corpus's manifest.json is not readable from "
+                        f"{(first.config.get('data') or {}).get('prepared_dir')!r}.")
+    return (header, rows), warnings
+
+
 def config_table(runs: Sequence[Run]) -> tuple[list[str], Table]:
     """(shared settings as 'key: value' lines, table of the keys that differ between runs)."""
     flat = [flatten_config(r.config) for r in runs]
@@ -237,7 +288,9 @@ def _short(value: object, limit: int = 48) -> str:
 
 def _sections(c: Comparison, runs: Sequence[Run]) -> dict[str, object]:
     shared, differing = config_table(runs)
+    data, data_warnings = data_table(c)
     return {"comparison": comparison_table(c), "notes": c.notes, "domains": domain_table(c),
+            "data": data, "data_warnings": data_warnings,
             "shared": shared, "differing": differing,
             "runs": [f"{r.name}: {r.method}, seed {r.seed} ({r.source})" for r in runs]}
 
@@ -257,7 +310,10 @@ def render_markdown(
     """The report as Markdown, plots linked relative to ``out_dir``."""
     parts = [f"# {title}", intro, "## Comparison", _md_table(s["comparison"]), f"**{s['verdict']}**",
              "\n".join(f"- {n}" for n in s["notes"]),
-             "## Final validation perplexity per domain", _md_table(s["domains"]), "## Plots"]
+             "## Final validation perplexity per domain", _md_table(s["domains"]),
+             "## Tokens and passes (epochs) per domain", _md_table(s["data"]),
+             "\n".join(f"- {w}" for w in s["data_warnings"]) or f"No domain is repeated more than {MAX_EPOCHS:g} epochs.",
+             "## Plots"]
     for caption, path in plots:
         parts.append(f"### {caption}\n\n![{caption}]({path.relative_to(out_dir).as_posix()})")
     parts += ["## Configs compared", "Shared: " + "; ".join(s["shared"]) + ".",
@@ -287,7 +343,10 @@ def render_html(title: str, intro: str, s: dict, plots: list[tuple[str, Path]]) 
              f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1><p>{e(intro)}</p>",
              "<h2>Comparison</h2>", _html_table(s["comparison"]), f"<p><b>{e(s['verdict'])}</b></p>",
              "<ul>" + "".join(f"<li>{e(n)}</li>" for n in s["notes"]) + "</ul>",
-             "<h2>Final validation perplexity per domain</h2>", _html_table(s["domains"]), "<h2>Plots</h2>"]
+             "<h2>Final validation perplexity per domain</h2>", _html_table(s["domains"]),
+             "<h2>Tokens and passes (epochs) per domain</h2>", _html_table(s["data"]),
+             "<ul>" + "".join(f"<li>{e(w)}</li>" for w in s["data_warnings"]) + "</ul>",
+             "<h2>Plots</h2>"]
     for caption, path in plots:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
         parts.append(f"<h3>{e(caption)}</h3><img alt='{e(caption)}' src='data:image/png;base64,{data}'>")

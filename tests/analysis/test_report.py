@@ -45,7 +45,8 @@ def test_report_holds_the_hand_computed_table_and_every_plot(rendered_report):
     assert "junk (not a target)" in md
     # plots: referenced from the markdown, present, non-empty PNGs, embedded in the HTML
     linked = re.findall(r"!\[[^\]]*\]\((plots/[^)]+\.png)\)", md)
-    assert len(linked) == 4 + 3  # ppl curves, per-domain curves, final bars, agent signals + 3 weight plots
+    # ppl curves, per-domain curves, final bars, training dynamics, train loss per domain, agent signals
+    assert len(linked) == 6 + 3  # + 3 weight plots
     for rel in linked:
         data = (out / rel).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5_000, rel
@@ -121,4 +122,27 @@ def test_log_report_to_mlflow(rendered_report, tmp_path):
     log_report_to_mlflow(out, run_id, uri)
     names = {a.path for a in client.list_artifacts(run_id, "report")}
     assert {"report/report.md", "report/report.html", "report/plots"} <= names
-    assert len(client.list_artifacts(run_id, "report/plots")) == 7
+    assert len(client.list_artifacts(run_id, "report/plots")) == 9
+
+
+def test_tokens_and_epochs_per_domain_warn_about_repeated_domains(run_dirs, tmp_path):
+    import json
+
+    from analysis.metrics import compare
+    from analysis.report import MAX_EPOCHS, data_table
+    from analysis.runs import load_run
+
+    runs = [load_run(d) for d in run_dirs["uniform"]]
+    _, warnings = data_table(compare(runs))
+    assert any("No epochs" in w for w in warnings)  # the fixture runs have no prepared corpus
+    tokens_a = runs[0].ledger["tokens/a"].sum()
+    # a corpus in which domain a is small enough to be trained on more than MAX_EPOCHS times, b is not
+    sizes = {"a": int(tokens_a / (MAX_EPOCHS + 1)), "b": 10**9, "junk": 10**9}
+    (tmp_path / "prep").mkdir()
+    (tmp_path / "prep" / "manifest.json").write_text(json.dumps(
+        {"domains": [{"name": d, "splits": {"train": {"num_tokens": n}}} for d, n in sizes.items()]}))
+    for run in runs:
+        run.config["data"]["prepared_dir"] = str(tmp_path / "prep")
+    (header, rows), warnings = data_table(compare(runs))
+    assert header == ["method", "a", "b", "junk"] and rows[0][2].endswith(" ep)")
+    assert len(warnings) == 1 and "epochs of a (more than 4)" in warnings[0]
