@@ -545,3 +545,21 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, mixer: Any, sink: Any | Non
     sink.log_artifact(run_dir / LEDGER_FILE)
     if policy is not None and policy.exists():
         sink.log_artifact(policy)
+    attach_report(run_dir, sink)
+
+
+def attach_report(run_dir: Path, sink: Any) -> None:
+    """Write the run's own report (``acodm report <run_dir>``, into ``<run_dir>/report``) and attach it to its
+    MLflow run under ``report/``, so the run page holds its curves. A report that fails is logged and
+    skipped: the run itself has succeeded."""
+    from ray_jobs.tracking import MLflowSink
+
+    if not isinstance(sink, MLflowSink):
+        return
+    try:
+        from analysis.report import build_report
+
+        html_path = build_report([run_dir], Path(run_dir) / "report", title=f"acodm run {Path(run_dir).name}")
+        sink.log_artifact(html_path.parent, "report")
+    except Exception as exc:  # plotting or I/O; never fail a finished run over its report
+        log.warning("could not attach the report of %s to MLflow run %s: %s", run_dir, sink.run_id, exc)

@@ -387,6 +387,7 @@ class MLflowSink:
         self._pending: deque[Any] = deque(maxlen=MAX_TRACKED_BATCHES)
         self.failed_batches = 0
         self.status: str | None = None
+        self._system: Any = None  # MLflow's SystemMetricsMonitor, from start_system_metrics
 
     # -- MetricsSink -----------------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -454,11 +455,26 @@ class MLflowSink:
         self.failed_batches += failed
         return failed
 
+    def start_system_metrics(self) -> None:
+        """Sample this node's CPU, memory, disk and network (GPU when present) into the run's ``system/*``
+        metrics from a background thread (MLflow's ``SystemMetricsMonitor``) until ``close``."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(self.run_id, resume_logging=self.resumed,
+                                                tracking_uri=self.tracking_uri)
+            self._system.start()
+        except Exception as exc:  # psutil missing, an unsupported platform: tracking goes on without them
+            log.warning("no MLflow system metrics for run %s: %s", self.run_id, exc)
+
     def close(self, status: str = "FINISHED") -> None:
         """Flush the metrics and set the run's final status (idempotent)."""
         _check_status(status)
         if self.status is not None:
             return
+        if self._system is not None:
+            self._system.finish()
+            self._system = None
         self.flush()
         if self.failed_batches:
             log.error(
@@ -575,6 +591,8 @@ def make_sink(
     if isinstance(sink, MLflowSink) and not sink.resumed:
         sink.set_tags({DESCRIPTION_TAG: run_description(cfg)})
         log_dataset_input(sink, cfg)
+    if isinstance(sink, MLflowSink) and cfg.tracking.system_metrics:
+        sink.start_system_metrics()
     return sink
 
 

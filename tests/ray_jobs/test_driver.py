@@ -235,6 +235,7 @@ def test_running_a_finished_run_again_adds_no_mlflow_run(prepared: Path, tmp_pat
     (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
     assert dataset.digest and str(prepared.resolve()) in dataset.source
     assert client.get_metric_history(first_run_id, "val/mean_ppl")[0].step == 0
+    assert {"report/report.html", "report/report.md"} <= {a.path for a in client.list_artifacts(first_run_id, "report")}
     ledger = read_ledger(run_dir)
     assert before[0] == 1 and before[1] > 0
     again = run_local(cfg)
