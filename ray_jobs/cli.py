@@ -93,6 +93,17 @@ def command(name: str) -> str:
     return name
 
 
+def _run_page(run_dir: Path) -> str | None:
+    """The MLflow UI path of the run recorded in ``<run_dir>/mlflow_run.json``, on the model-training view."""
+    import json
+
+    try:
+        run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return f"/#/runs/{run_id}?workflowType=machine_learning"
+
+
 def print_run_summary(cfg: ExperimentConfig, result: dict) -> None:
     """Tell the user where the run, its ledger and its MLflow record are (stdout)."""
     from ray_jobs.tracking import resolve_tracking_uri
@@ -106,6 +117,9 @@ def print_run_summary(cfg: ExperimentConfig, result: dict) -> None:
         uri = resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir)
         if uri.startswith("sqlite:"):
             lines.append(f"MLflow        : {command('mlflow')} ui --backend-store-uri {uri} --host 127.0.0.1")
+            page = _run_page(run_dir)
+            if page:  # the model-training view (MLflow 3's UI opens on its GenAI view otherwise)
+                lines.append(f"  then open  : http://127.0.0.1:5000{page}")
         else:
             lines.append(f"MLflow        : {uri} (experiment {cfg.tracking.experiment_name!r})")
     lines.append(f"report        : {command('acodm')} report {run_dir} --out {run_dir / 'report'}")

@@ -549,9 +549,11 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, mixer: Any, sink: Any | Non
 
 
 def attach_report(run_dir: Path, sink: Any) -> None:
-    """Write the run's own report (``acodm report <run_dir>``, into ``<run_dir>/report``) and attach it to its
-    MLflow run under ``report/``, so the run page holds its curves. A report that fails is logged and
-    skipped: the run itself has succeeded."""
+    """Write the run's own report (``acodm report <run_dir>``, in a temporary directory, so the run directory
+    is left to the user's own ``acodm report``) and attach it to its MLflow run under ``report/``, so the
+    run page holds its curves. A report that fails is logged and skipped: the run itself has succeeded."""
+    import tempfile
+
     from ray_jobs.tracking import MLflowSink
 
     if not isinstance(sink, MLflowSink):
@@ -559,7 +561,8 @@ def attach_report(run_dir: Path, sink: Any) -> None:
     try:
         from analysis.report import build_report
 
-        html_path = build_report([run_dir], Path(run_dir) / "report", title=f"acodm run {Path(run_dir).name}")
-        sink.log_artifact(html_path.parent, "report")
+        with tempfile.TemporaryDirectory(prefix="acodm-report-") as tmp:
+            html_path = build_report([run_dir], Path(tmp) / "report", title=f"acodm run {Path(run_dir).name}")
+            sink.log_artifact(html_path.parent, "report")
     except Exception as exc:  # plotting or I/O; never fail a finished run over its report
         log.warning("could not attach the report of %s to MLflow run %s: %s", run_dir, sink.run_id, exc)
