@@ -39,12 +39,14 @@ demo: install
 	$(VENV)/bin/acodm data prepare configs/demo.yaml
 	$(VENV)/bin/acodm train configs/demo.yaml
 	$(VENV)/bin/acodm train configs/demo.yaml --set name=demo-uniform --set agent.kind=uniform
-	$(VENV)/bin/acodm report runs/demo runs/demo-uniform --out runs/demo-report
 	@echo
 	@echo "demo done:"
 	@echo "  runs        runs/demo (AC-ODM) and runs/demo-uniform (uniform baseline)"
 	@echo "  report      runs/demo-report/report.html (and report.md, plots/)"
-	@echo "  MLflow      $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1"
+	@echo "  MLflow      $(CURDIR)/$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1"
+	@echo
+	@# last: the comparison table and the verdict (acodm report prints them)
+	$(VENV)/bin/acodm -q report runs/demo runs/demo-uniform --out runs/demo-report
 
 lint: install
 	$(VENV)/bin/ruff check .

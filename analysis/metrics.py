@@ -274,7 +274,7 @@ class Comparison:
     """The comparison of methods: one table row per method, plus the rules and spreads behind it."""
 
     table: pd.DataFrame
-    target: float
+    target: float | None  # None: no uniform run and no --target, so no steps-to-target
     target_rule: str
     metric: str
     baseline: str | None
@@ -283,6 +283,11 @@ class Comparison:
     groups: dict[str, list[Run]]
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def target_is_uniforms(self) -> bool:
+        """True when the target is uniform's own (no ``--target``): uniform's ratio is then 1x by construction."""
+        return self.baseline is not None and self.target is not None and "given with --target" not in self.target_rule
+
 
 def compare(
     runs: Sequence[Run], *, target: float | None = None, metric: str = DEFAULT_METRIC, confidence: float = CONFIDENCE
@@ -290,8 +295,9 @@ def compare(
     """Build the comparison table (module docstring rules).
 
     Args:
-        runs: every run to compare (several seeds per method).
-        target: ``metric`` value for steps-to-target; default from the uniform baseline.
+        runs: every run to compare (several seeds per method); one run alone is a valid report.
+        target: ``metric`` value for steps-to-target; default from the uniform baseline, and none (no
+            steps-to-target, NaN in the table) when there is no uniform run either.
         metric: the evaluated metric (lower is better).
         confidence: interval level.
 
@@ -302,20 +308,18 @@ def compare(
         (``*_ci`` are interval half-widths; ``*_noise`` are None where not applicable).
 
     Raises:
-        ValueError: no uniform run and no ``target``, incomparable runs, or runs without evaluations.
+        ValueError: a non-positive ``target``, incomparable runs, or runs without evaluations.
     """
     groups = group_by_method(runs)
     baseline = baseline_method(groups)
     if target is None:
         if baseline is None:
-            methods = ", ".join(groups)
-            raise ValueError(
-                f"no uniform run among the {len(runs)} runs (methods: {methods}) and no --target given: "
-                "steps-to-target needs a target; add a run with agent.kind: uniform or pass --target"
-            )
-        target = default_target(groups[baseline], metric)
-        rule = (f"target {metric} = {target:.4g}: the best value every uniform seed reaches "
-                f"(the largest of the {len(groups[baseline])} uniform seeds' best values)")
+            rule = (f"No target: no uniform run among the {len(runs)} run(s) and no --target given, so no "
+                    f"steps-to-target (pass --target <{metric}> for it, or add a run with agent.kind: uniform)")
+        else:
+            target = default_target(groups[baseline], metric)
+            rule = (f"target {metric} = {target:.4g}: the best value every uniform seed reaches "
+                    f"(the largest of the {len(groups[baseline])} uniform seeds' best values)")
     else:
         if not (math.isfinite(target) and target > 0):
             raise ValueError(f"--target must be a positive finite {metric}, got {target}")
@@ -346,17 +350,17 @@ def compare(
             row.pop("_steps", None)
             row.update(step_ratio=math.nan, ppl_noise=None, ratio_noise=None)
     table = pd.DataFrame(list(rows.values()))
-    comparison = Comparison(table=table, target=float(target), target_rule=rule, metric=metric, baseline=baseline,
+    comparison = Comparison(table=table, target=None if target is None else float(target), target_rule=rule, metric=metric, baseline=baseline,
                             uniform_ppl_sd=ppl_sd, uniform_ratio_sd=ratio_sd, groups=groups)
     comparison.notes = _notes(comparison)
     return comparison
 
 
-def _method_row(method: str, runs: list[Run], target: float, metric: str, confidence: float) -> dict:
-    """One table row: per-seed values aggregated into means and intervals."""
+def _method_row(method: str, runs: list[Run], target: float | None, metric: str, confidence: float) -> dict:
+    """One table row: per-seed values aggregated into means and intervals (steps-to-target NaN without a target)."""
     finals = mean_interval([final_value(r, metric) for r in runs], confidence)
     geos = mean_interval([final_geo_ppl(r, metric) for r in runs], confidence)
-    steps = [run_steps_to_target(r, target, metric) for r in runs]
+    steps = [math.nan if target is None else run_steps_to_target(r, target, metric) for r in runs]
     steps_iv = mean_interval(steps, confidence)
     tokens_iv = mean_interval([value_at_step(r, "tokens", s) for r, s in zip(runs, steps, strict=True)], confidence)
     times = mean_interval([step_time(r) for r in runs], confidence)
@@ -365,7 +369,7 @@ def _method_row(method: str, runs: list[Run], target: float, metric: str, confid
         "final_ppl": finals.mean, "final_ppl_ci": finals.half_width,
         "final_geo_ppl": geos.mean, "final_geo_ppl_ci": geos.half_width,
         "steps_to_target": steps_iv.mean, "steps_to_target_ci": steps_iv.half_width,
-        "reached": int(sum(math.isfinite(s) for s in steps)),
+        "reached": int(sum(math.isfinite(s) for s in steps)) if target is not None else 0,
         "tokens_to_target": tokens_iv.mean,
         "step_time_s": times.mean, "step_time_s_ci": times.half_width,
         "tokens": float(np.mean([r.ledger["tokens"].iloc[-1] for r in runs])),
@@ -381,6 +385,10 @@ def _notes(c: Comparison) -> list[str]:
         "evaluation before; 'not reached' if any seed never reaches it. Means over seeds with 95% "
         "Student-t intervals (\u00b1 half-width; none for one seed). Ratio = method's mean steps / uniform's.",
     ]
+    if c.target_is_uniforms:
+        notes.append(f"Uniform's steps-to-target is 1\u00d7 by construction: the target is uniform's own best "
+                     f"{c.metric}, so the ratios say how much sooner (below 1\u00d7) or later another method gets "
+                     "to where uniform ends up.")
     if c.baseline is None:
         notes.append("No uniform run: no ratios and no noise flags.")
     elif math.isnan(c.uniform_ppl_sd):

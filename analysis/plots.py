@@ -168,6 +168,16 @@ def plot_mixture_weights(runs: Sequence[Run], out_path: str | os.PathLike[str], 
     return save_figure(fig, out_path)
 
 
+def _interval_legend(groups: Mapping[str, Sequence[Run]], shape: str) -> str:
+    """The legend title's line about intervals: a 95% CI only exists for methods with several seeds."""
+    sizes = {len(rs) for rs in groups.values()}
+    if sizes == {1}:
+        return "method (seeds)\nn=1: no interval"
+    if 1 in sizes:
+        return f"method (seeds)\n{shape} = 95% CI (n>1 only)"
+    return f"method (seeds)\n{shape} = 95% CI"
+
+
 def _band(
     ax: object, x: np.ndarray, curve: pd.DataFrame, color: str, linestyle: object, label: str, *, marker: str = ""
 ) -> None:
@@ -218,7 +228,7 @@ def plot_metric_curves(
     ax_zoom.set_title("zoom: second half of training", fontsize=10)
     ax_tokens.set_title("against tokens trained", fontsize=10)
     handles, labels = ax_tokens.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", title="method (seeds)\nband = 95% CI")
+    fig.legend(handles, labels, loc="outside right upper", title=_interval_legend(groups, "band"))
     fig.suptitle(f"Validation {metric} (mean perplexity over target domains) per method, mean over seeds;"
                  " dots = evaluations")
     return save_figure(fig, out_path)
@@ -252,7 +262,8 @@ def plot_domain_curves(groups: Mapping[str, Sequence[Run]], out_path: str | os.P
         ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(1, len(labels))), title="method")
-    fig.suptitle("Validation perplexity per domain (mean over seeds, 95% band)")
+    several = any(len(rs) > 1 for rs in groups.values())
+    fig.suptitle("Validation perplexity per domain" + (" (mean over seeds, 95% band)" if several else " (n=1)"))
     return save_figure(fig, out_path)
 
 
@@ -287,8 +298,9 @@ def plot_final_domain_bars(
         for j, method in enumerate(methods):
             if ax is not axes[0] and method == baseline:
                 continue
+            err = errs.loc[method, columns].to_numpy(float)
             ax.bar(x + (j - (len(methods) - 1) / 2) * width, values.loc[method, columns].to_numpy(float), width,
-                   yerr=np.nan_to_num(errs.loc[method, columns].to_numpy(float), nan=0.0), capsize=2,
+                   yerr=None if np.isnan(err).all() else np.nan_to_num(err, nan=0.0), capsize=2,  # n=1: no whisker
                    color=colors[method], label=f"{method} (n={len(groups[method])})",
                    error_kw={"ecolor": "#888888", "elinewidth": 1.2})
         ax.set_ylabel(ylabel)
@@ -296,14 +308,17 @@ def plot_final_domain_bars(
     if nrows == 2:
         axes[1].axhline(0, color="black", linewidth=1)
     labels = [d if d in first.target_domains else f"{d}\n(not a target)" for d in domains]
-    axes[-1].set_xticks(x, [*labels, f"{metric}\n(mean over targets)"])
+    # slanted, so that long domain names never run into each other
+    axes[-1].set_xticks(x, [*labels, f"{metric}\n(mean over targets)"], rotation=25, ha="right",
+                        rotation_mode="anchor")
     for tick, domain in zip(axes[-1].get_xticklabels(), domains, strict=False):
         tick.set_color(dcolors[domain])
         tick.set_fontweight("bold")
     axes[-1].set_xlabel("domain (tick colour = the domain's colour in every plot)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", title="method (seeds)\nbar = 95% CI")
-    fig.suptitle("Final validation perplexity per domain (mean over seeds)")
+    fig.legend(handles, labels, loc="outside right upper", title=_interval_legend(groups, "whisker"))
+    several = any(len(rs) > 1 for rs in groups.values())
+    fig.suptitle("Final validation perplexity per domain" + (" (mean over seeds)" if several else " (n=1)"))
     return save_figure(fig, out_path)
 
 
@@ -352,7 +367,7 @@ def plot_agent_training(
     if not handles:
         return None
     fig.legend(list(handles.values()), [h.get_label() for h in handles.values()],  # type: ignore[attr-defined]
-               loc="outside right upper", title="method (seeds)\nband = 95% CI")
+               loc="outside right upper", title=_interval_legend(groups, "band"))
     fig.suptitle(f"Agent training signals (rolling mean over 1/{windows} of the run, then mean over seeds;"
                  " dotted vertical line = end of the agent's warmup)")
     return save_figure(fig, out_path)
@@ -405,4 +420,116 @@ def plot_sweep(
         ax.grid(True, alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"Sweep results ({len(data)} trials)")
+    return save_figure(fig, out_path)
+
+
+def with_derived_columns(run: Run) -> Run:
+    """A copy of ``run`` whose ledger also has the columns the training-dynamics plots read:
+    ``derived/tokens_per_s`` (the step's tokens over its ``time/step_s``), ``derived/mix_entropy`` (nats of
+    the mixture weights; log K is uniform) and ``derived/wall_min`` (wall-clock minutes)."""
+    import dataclasses
+
+    ledger = run.ledger.copy()
+    if "time/step_s" in ledger.columns:
+        ledger["derived/tokens_per_s"] = ledger["tokens"].diff() / ledger["time/step_s"]
+    cols = [f"weight/{d}" for d in run.domain_names]
+    if all(c in ledger.columns for c in cols):
+        w = ledger[cols].to_numpy(float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ledger["derived/mix_entropy"] = -np.nansum(np.where(w > 0, w * np.log(w), 0.0), axis=1)
+        ledger.loc[np.isnan(w).any(axis=1), "derived/mix_entropy"] = np.nan
+    if "wall_time" in ledger.columns:
+        ledger["derived/wall_min"] = ledger["wall_time"] / 60.0
+    return dataclasses.replace(run, ledger=ledger)
+
+
+_DYNAMICS_PANELS = (("loss", "train loss (nats/token)", "optimiser step"),
+                    ("grad_norm", "gradient norm (before clipping)", "optimiser step"),
+                    ("lr", "learning rate", "optimiser step"),
+                    ("derived/tokens_per_s", "throughput (tokens/s)", "optimiser step"),
+                    ("derived/mix_entropy", "mixture entropy (nats)", "optimiser step"),
+                    ("val/mean_ppl", "val/mean_ppl", "wall-clock time (minutes)"))
+
+
+def plot_training_dynamics(
+    groups: Mapping[str, Sequence[Run]], out_path: str | os.PathLike[str], *, windows: int = 20
+) -> Path:
+    """What a pretraining engineer checks first: train loss, gradient norm, learning rate, throughput and
+    mixture entropy against steps (rolling mean over 1/``windows`` of the run, then mean over seeds), and
+    validation perplexity against wall-clock time."""
+    groups = {m: [with_derived_columns(r) for r in rs] for m, rs in groups.items()}
+    styles = method_styles(groups)
+    fig = Figure(figsize=(16, 8.2), layout="constrained")
+    axes = fig.subplots(2, 3).ravel()
+    handles: dict[str, object] = {}
+    k = len(next(iter(groups.values()))[0].domain_names)
+    for ax, (column, ylabel, xlabel) in zip(axes, _DYNAMICS_PANELS, strict=True):
+        means = []
+        for method, runs in groups.items():
+            smooth = 1 if column.startswith("val/") or column == "lr" else max(1, len(runs[0].ledger) // windows)
+            curve = aggregate_curve(runs, column, smooth=smooth)
+            if curve.empty:
+                continue
+            if column.startswith("val/"):  # against each seed's mean wall-clock at the evaluated steps
+                walls = aggregate_curve(runs, "derived/wall_min").set_index("step")["mean"]
+                x = walls.reindex(curve["step"]).to_numpy(float)
+            else:
+                x = curve["step"].to_numpy(float)
+            _band(ax, x, curve, *styles[method], f"{method} (n={len(runs)})",
+                  marker="o" if column.startswith("val/") else "")
+            handles.setdefault(method, ax.lines[-1])
+            means.append(curve["mean"].to_numpy(float))
+        if column == "derived/mix_entropy":
+            ax.axhline(math.log(k), color="0.4", linestyle=(0, (1, 1)), linewidth=1.2)
+            ax.annotate(f"uniform = log {k}", (0.02, math.log(k)), xycoords=("axes fraction", "data"),
+                        va="top", fontsize=8, color="0.3")
+            means.append(np.array([math.log(k)]))
+        if means:
+            _fit_axis(ax, means, log_ratio=5.0 if column.startswith("val/") else None)
+        else:
+            ax.text(0.5, 0.5, "not recorded by these runs", ha="center", va="center", transform=ax.transAxes)
+        if column == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        if column == "derived/tokens_per_s":
+            ax.yaxis.set_major_formatter(EngFormatter())
+        ax.set_title(ylabel.split(" (")[0], fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.legend(list(handles.values()), [h.get_label() for h in handles.values()],  # type: ignore[attr-defined]
+               loc="outside right upper", title=_interval_legend(groups, "band"))
+    fig.suptitle(f"Training dynamics (rolling mean over 1/{windows} of the run, then mean over seeds)")
+    return save_figure(fig, out_path)
+
+
+def plot_train_loss_per_domain(
+    groups: Mapping[str, Sequence[Run]], out_path: str | os.PathLike[str], *, windows: int = 20
+) -> Path:
+    """Training loss on each domain's micro-batches against tokens trained: one panel per domain, one line
+    per method (rolling mean over 1/``windows`` of the run, then mean over seeds)."""
+    first = next(iter(groups.values()))[0]
+    domains, dcolors, styles = first.domain_names, domain_colors(first.domain_names), method_styles(groups)
+    ncols = min(3, len(domains))
+    nrows = math.ceil(len(domains) / ncols)
+    fig = Figure(figsize=(4.8 * ncols, 3.4 * nrows + 0.9), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, domain in zip(axes, domains, strict=False):
+        values = []
+        for method, runs in groups.items():
+            curve = aggregate_curve(runs, f"loss/{domain}", smooth=max(1, len(runs[0].ledger) // windows))
+            if not curve.empty:
+                _band(ax, curve["tokens"].to_numpy(float), curve, *styles[method], f"{method} (n={len(runs)})")
+                values.append(curve["mean"].to_numpy(float))
+        _fit_axis(ax, values, log_ratio=None)
+        role = "" if domain in first.target_domains else " (not a target)"
+        ax.set_title(f"{domain}{role}", color=dcolors[domain], fontweight="bold")
+        ax.set_xlabel("tokens trained")
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.set_ylabel("train loss (nats/token)")
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(domains):]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(1, len(labels))), title="method")
+    fig.suptitle(f"Training loss per domain (rolling mean over 1/{windows} of the run, then mean over seeds)")
     return save_figure(fig, out_path)

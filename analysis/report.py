@@ -18,6 +18,8 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from analysis.metrics import Comparison, compare, per_domain_final
 from analysis.plots import (
     plot_agent_training,
@@ -25,6 +27,8 @@ from analysis.plots import (
     plot_final_domain_bars,
     plot_metric_curves,
     plot_mixture_weights,
+    plot_train_loss_per_domain,
+    plot_training_dynamics,
 )
 from analysis.runs import PER_RUN_KEYS, Run, config_differences, flatten_config, load_mlflow_runs, load_run
 from envs.paths import require_absent_or_dir
@@ -36,6 +40,7 @@ SHARED_KEYS = ("lm.preset", "lm.seq_len", "train.total_steps", "sampler.micro_ba
                "ray.enabled", "ray.num_workers", "optim.lr", "eval.interval", "eval.max_batches", "data.prepared_dir")
 
 Table = tuple[list[str], list[list[str]]]
+SUMMARY_FILE = "summary.md"  # the comparison table and the verdict alone, what `acodm report` prints
 
 
 def build_report(
@@ -92,8 +97,13 @@ def write_report(
     plots = render_plots(comparison, out / "plots")
     sections = _sections(comparison, runs)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    intro = f"{len(runs)} runs, {len(comparison.groups)} methods; generated {stamp}."
+    n_runs, n_methods = len(runs), len(comparison.groups)
+    intro = (f"{n_runs} run{'s' * (n_runs != 1)}, {n_methods} method{'s' * (n_methods != 1)}; generated {stamp}."
+             + (" One seed per method (n=1): no confidence intervals, and no difference can be told from noise."
+                if all(len(rs) == 1 for rs in comparison.groups.values()) else ""))
+    sections["verdict"] = verdict(comparison)
     _write_text(out / "report.md", render_markdown(title, intro, sections, plots, out))
+    _write_text(out / SUMMARY_FILE, _md_table(sections["comparison"]) + "\n\n" + sections["verdict"] + "\n")
     html_path = _write_text(out / "report.html", render_html(title, intro, sections, plots))
     log.info("report written: %s (and report.md, %d plots)", html_path, len(plots))
     return html_path
@@ -108,6 +118,11 @@ def render_plots(comparison: Comparison, plot_dir: Path) -> list[tuple[str, Path
         ("Validation perplexity per domain", plot_domain_curves(groups, plot_dir / "val_ppl_per_domain.png")),
         ("Final validation perplexity per domain",
          plot_final_domain_bars(groups, plot_dir / "final_ppl_per_domain.png", metric=metric)),
+    ]
+    plots += [
+        ("Training dynamics: train loss, gradient norm, learning rate, throughput, mixture entropy; "
+         "validation against wall-clock time", plot_training_dynamics(groups, plot_dir / "training_dynamics.png")),
+        ("Training loss per domain against tokens", plot_train_loss_per_domain(groups, plot_dir / "train_loss_per_domain.png")),
     ]
     agent = plot_agent_training(groups, plot_dir / "agent_training.png")
     if agent is not None:
@@ -150,11 +165,15 @@ def comparison_table(c: Comparison) -> Table:
               "within uniform's seed noise"]
     rows = []
     for r in c.table.to_dict("records"):
-        if math.isfinite(r["steps_to_target"]):
+        if c.target is None:
+            steps = "\u2014 (no target)"
+        elif math.isfinite(r["steps_to_target"]):
             steps = _pm(r["steps_to_target"], r["steps_to_target_ci"], 4)
         else:
             steps = f"not reached ({r['reached']}/{r['seeds']} seeds reached)"
         ratio = f"{r['step_ratio']:.3g}\u00d7" if math.isfinite(r["step_ratio"]) else "\u2014"
+        if r["method"] == c.baseline and math.isfinite(r["step_ratio"]) and c.target_is_uniforms:
+            ratio += " (by construction)"
         if r["method"] == c.baseline:
             noise = "baseline"
         else:
@@ -174,6 +193,87 @@ def domain_table(c: Comparison) -> Table:
     header = ["method"] + [d if d in first.target_domains else f"{d} (not a target)" for d in first.domain_names]
     rows = [[m] + [_pm(means.loc[m, d], halves.loc[m, d]) for d in first.domain_names] for m in means.index]
     return header, rows
+
+
+def verdict(c: Comparison) -> str:
+    """One honest sentence: which method ends lowest in ``c.metric`` and by how much against uniform,
+    with the caveat that applies (one seed, or a difference inside uniform's seed-to-seed spread)."""
+    t = c.table.set_index("method")
+    best = str(t["final_ppl"].idxmin())
+    if c.baseline is None:
+        if len(t) == 1:
+            return (f"Verdict: one method only ({best}, final {c.metric} {_num(t.loc[best, 'final_ppl'])}); "
+                    "nothing to compare it with (add a uniform run for a verdict).")
+        return (f"Verdict: {best} ends lowest ({c.metric} {_num(t.loc[best, 'final_ppl'])}); no uniform run, so no "
+                "ratios and no noise estimate.")
+    u = t.loc[c.baseline]
+    others = t.drop(index=c.baseline)
+    if others.empty:
+        return f"Verdict: uniform only (final {c.metric} {_num(u['final_ppl'])}); nothing to compare it with."
+    if best == c.baseline:
+        best = str(others["final_ppl"].idxmin())
+    row = t.loc[best]
+    rel = (row["final_ppl"] / u["final_ppl"] - 1) * 100
+    direction = "lower" if rel < 0 else "higher"
+    text = (f"Verdict: {best} ends at {c.metric} {_num(row['final_ppl'])} against uniform's {_num(u['final_ppl'])} "
+            f"({abs(rel):.1f}% {direction})")
+    if math.isfinite(row["step_ratio"]):
+        text += f" and reaches uniform's target in {row['step_ratio']:.2f}\u00d7 uniform's steps"
+    elif c.target is not None:
+        text += " and does not reach uniform's target"
+    if rel >= 0:
+        text += "; no method beats uniform"
+    n = min(len(c.groups[best]), len(c.groups[c.baseline]))
+    if n == 1:
+        text += (". One seed each (n=1): this difference cannot be told from seed-to-seed noise; run more seeds "
+                 "before calling a winner.")
+    elif row["ppl_noise"]:
+        text += f". That is inside uniform's seed-to-seed spread (sd {_num(c.uniform_ppl_sd, 3)}): not a win."
+    else:
+        text += f", beyond uniform's seed-to-seed spread (sd {_num(c.uniform_ppl_sd, 3)}, {n}+ seeds each)."
+    return text
+
+
+MAX_EPOCHS = 4.0  # passes over a domain beyond which repetition starts to cost (Muennighoff et al., 2023)
+
+
+def manifest_train_tokens(run: Run) -> dict[str, int] | None:
+    """Training tokens per domain from the run's prepared corpus ``manifest.json``; None when unreadable."""
+    import json
+
+    prepared = (run.config.get("data") or {}).get("prepared_dir")
+    try:
+        manifest = json.loads((Path(str(prepared)) / "manifest.json").read_text())
+        return {d["name"]: int(d["splits"]["train"]["num_tokens"]) for d in manifest["domains"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def data_table(c: Comparison) -> tuple[Table, list[str]]:
+    """Tokens trained per domain and passes (epochs) over each domain's training split, per method (mean
+    over seeds), and a warning for every domain repeated more than ``MAX_EPOCHS`` times."""
+    first = next(iter(c.groups.values()))[0]
+    sizes = manifest_train_tokens(first)
+    header = ["method"] + list(first.domain_names)
+    rows, warnings = [], []
+    for method, runs in c.groups.items():
+        cells = [method]
+        for d in first.domain_names:
+            col = f"tokens/{d}"
+            tokens = float(np.mean([r.ledger[col].sum() if col in r.ledger.columns else math.nan for r in runs]))
+            if sizes and sizes.get(d):
+                epochs = tokens / sizes[d]
+                cells.append(f"{_tokens(tokens)} ({epochs:.2f} ep)")
+                if epochs > MAX_EPOCHS:
+                    warnings.append(f"Warning: {method} trained {epochs:.1f} epochs of {d} (more than {MAX_EPOCHS:g}): "
+                                    "repeated data; the domain is too small for this budget and mixture.")
+            else:
+                cells.append(_tokens(tokens))
+        rows.append(cells)
+    if not sizes:
+        warnings.append(f"No epochs: the prepared corpus's manifest.json is not readable from "
+                        f"{(first.config.get('data') or {}).get('prepared_dir')!r}.")
+    return (header, rows), warnings
 
 
 def config_table(runs: Sequence[Run]) -> tuple[list[str], Table]:
@@ -196,7 +296,9 @@ def _short(value: object, limit: int = 48) -> str:
 
 def _sections(c: Comparison, runs: Sequence[Run]) -> dict[str, object]:
     shared, differing = config_table(runs)
+    data, data_warnings = data_table(c)
     return {"comparison": comparison_table(c), "notes": c.notes, "domains": domain_table(c),
+            "data": data, "data_warnings": data_warnings,
             "shared": shared, "differing": differing,
             "runs": [f"{r.name}: {r.method}, seed {r.seed} ({r.source})" for r in runs]}
 
@@ -214,9 +316,12 @@ def render_markdown(
     title: str, intro: str, s: dict, plots: list[tuple[str, Path]], out_dir: Path
 ) -> str:
     """The report as Markdown, plots linked relative to ``out_dir``."""
-    parts = [f"# {title}", intro, "## Comparison", _md_table(s["comparison"]),
+    parts = [f"# {title}", intro, "## Comparison", _md_table(s["comparison"]), f"**{s['verdict']}**",
              "\n".join(f"- {n}" for n in s["notes"]),
-             "## Final validation perplexity per domain", _md_table(s["domains"]), "## Plots"]
+             "## Final validation perplexity per domain", _md_table(s["domains"]),
+             "## Tokens and passes (epochs) per domain", _md_table(s["data"]),
+             "\n".join(f"- {w}" for w in s["data_warnings"]) or f"No domain is repeated more than {MAX_EPOCHS:g} epochs.",
+             "## Plots"]
     for caption, path in plots:
         parts.append(f"### {caption}\n\n![{caption}]({path.relative_to(out_dir).as_posix()})")
     parts += ["## Configs compared", "Shared: " + "; ".join(s["shared"]) + ".",
@@ -244,9 +349,12 @@ def render_html(title: str, intro: str, s: dict, plots: list[tuple[str, Path]]) 
     e = html.escape
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1><p>{e(intro)}</p>",
-             "<h2>Comparison</h2>", _html_table(s["comparison"]),
+             "<h2>Comparison</h2>", _html_table(s["comparison"]), f"<p><b>{e(s['verdict'])}</b></p>",
              "<ul>" + "".join(f"<li>{e(n)}</li>" for n in s["notes"]) + "</ul>",
-             "<h2>Final validation perplexity per domain</h2>", _html_table(s["domains"]), "<h2>Plots</h2>"]
+             "<h2>Final validation perplexity per domain</h2>", _html_table(s["domains"]),
+             "<h2>Tokens and passes (epochs) per domain</h2>", _html_table(s["data"]),
+             "<ul>" + "".join(f"<li>{e(w)}</li>" for w in s["data_warnings"]) + "</ul>",
+             "<h2>Plots</h2>"]
     for caption, path in plots:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
         parts.append(f"<h3>{e(caption)}</h3><img alt='{e(caption)}' src='data:image/png;base64,{data}'>")

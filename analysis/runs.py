@@ -189,8 +189,8 @@ def _check_ledger(ledger: pd.DataFrame, source: str) -> pd.DataFrame:
     if ledger.empty:
         raise ValueError(f"{source}: ledger has no rows (the run recorded no step)")
     steps = pd.to_numeric(ledger["step"], errors="coerce")
-    if steps.isna().any() or (steps <= 0).any():
-        raise ValueError(f"{source}: ledger column 'step' must hold positive integers")
+    if steps.isna().any() or (steps < 0).any():
+        raise ValueError(f"{source}: ledger column 'step' must hold integers >= 0 (0: the untrained model's evaluation)")
     dupes = sorted(set(steps[steps.duplicated()].astype(int)))
     if dupes:
         raise ValueError(f"{source}: ledger repeats steps {dupes[:10]}; every step must appear once")

@@ -91,6 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command(name: str) -> str:
+    """How to type console script ``name`` so that a printed hint runs as printed: the absolute path in this
+    interpreter's virtual environment (which need not be activated) when it has the script there, else
+    the bare name."""
+    if sys.prefix != sys.base_prefix:
+        path = Path(sys.prefix) / "bin" / name
+        if path.is_file():
+            return str(path)
+    return name
+
+
+def _run_page(run_dir: Path) -> str | None:
+    """The MLflow UI path of the run recorded in ``<run_dir>/mlflow_run.json``, on the model-training view."""
+    import json
+
+    try:
+        run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return f"/#/runs/{run_id}?workflowType=machine_learning"
+
+
 def print_run_summary(cfg: ExperimentConfig, result: dict) -> None:
     """Tell the user where the run, its ledger and its MLflow record are (stdout)."""
     from ray_jobs.tracking import resolve_tracking_uri
@@ -103,10 +125,13 @@ def print_run_summary(cfg: ExperimentConfig, result: dict) -> None:
     if cfg.tracking.enabled:
         uri = resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir)
         if uri.startswith("sqlite:"):
-            lines.append(f"MLflow        : mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+            lines.append(f"MLflow        : {command('mlflow')} ui --backend-store-uri {uri} --host 127.0.0.1")
+            page = _run_page(run_dir)
+            if page:  # the model-training view (MLflow 3's UI opens on its GenAI view otherwise)
+                lines.append(f"  then open  : http://127.0.0.1:5000{page}")
         else:
             lines.append(f"MLflow        : {uri} (experiment {cfg.tracking.experiment_name!r})")
-    lines.append(f"report        : acodm report {run_dir} --out {run_dir / 'report'}")
+    lines.append(f"report        : {command('acodm')} report {run_dir} --out {run_dir / 'report'}")
     print("\n".join(lines))
 
 
@@ -171,9 +196,11 @@ def run(args: argparse.Namespace) -> int:
         run_proxy(cfg)
         return 0
     if args.command == "report":
-        from analysis.report import build_report
+        from analysis.report import SUMMARY_FILE, build_report
 
-        build_report(args.run_dirs, args.out, target=args.target)
+        html_path = build_report(args.run_dirs, args.out, target=args.target)
+        print((html_path.parent / SUMMARY_FILE).read_text(), end="")
+        print(f"report: {html_path} (and report.md, plots/)")
         return 0
     if args.command == "export":
         from envs.export import export_hf

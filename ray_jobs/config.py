@@ -49,6 +49,9 @@ class TrackingConfig(StrictModel):
     tags: dict[str, str] = Field(
         default_factory=dict, description="MLflow run tags; 'method' names the run's method in `acodm report`."
     )
+    system_metrics: bool = Field(
+        True, description="Log MLflow system metrics (CPU, memory, disk, network; GPU when present) of rank 0's node."
+    )
 
 
 class CheckpointConfig(StrictModel):

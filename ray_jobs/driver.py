@@ -86,6 +86,11 @@ class RunLoop:
         self.wall_offset = 0.0
         self.obs: np.ndarray | None = None
         self._prev_tokens = 0
+        # per-step metrics since the last sink batch: MLflow gets their mean over the logging interval
+        self._window: dict[str, list[float]] = {}
+        self._domain_tokens = dict.fromkeys(self.domain_names, 0)
+        self._skipped_total = 0
+        self._train_tokens = domain_train_tokens(cfg.data.prepared_dir, self.domain_names)
 
     @property
     def backend(self) -> Any:
@@ -106,6 +111,10 @@ class RunLoop:
                 rows = Ledger.load(self.run_dir / LEDGER_FILE).rows
             self.ledger = Ledger(self.run_dir / LEDGER_FILE, rows)
             self.ledger.truncate(int(loop["ledger_rows"]))
+            for row in self.ledger.rows:  # running totals the MLflow metrics continue from
+                for name in self.domain_names:
+                    self._domain_tokens[name] += int(row.get(f"tokens/{name}") or 0)
+                self._skipped_total += int(bool(row.get("skipped")))
         self.step = int(loop["step"])
         self.tokens_total = int(loop["tokens"])
         self.wall_offset = float(loop["wall_time"])
@@ -152,9 +161,36 @@ class RunLoop:
         dist.broadcast(buf, src=0)
         return buf.numpy()
 
+    def _accumulate(self, row: dict[str, Any], agent_metrics: dict[str, float]) -> None:
+        """Add one step's metrics to the logging window, and the step's tokens to the running totals."""
+        for key, value in self._metrics(row, agent_metrics).items():
+            if not key.startswith("val/"):
+                self._window.setdefault(key, []).append(value)
+        for name in self.domain_names:
+            self._domain_tokens[name] += int(row.get(f"tokens/{name}") or 0)
+        self._skipped_total += int(bool(row.get("skipped")))
+
+    def _window_metrics(self, row: dict[str, Any]) -> dict[str, float]:
+        """What one sink batch holds: the mean of every per-step metric over the steps since the last batch
+        (not one step's value, which a noisy loss makes misleading), plus running totals and evaluations."""
+        out = {k: float(np.mean(v)) for k, v in self._window.items() if v}
+        self._window.clear()
+        out["lm/skipped_steps"] = float(self._skipped_total)
+        out["data/tokens"] = float(self.tokens_total)
+        for name in self.domain_names:
+            out[f"data/tokens/{name}"] = float(self._domain_tokens[name])
+            if self._train_tokens and self._train_tokens.get(name):
+                out[f"data/epochs/{name}"] = self._domain_tokens[name] / self._train_tokens[name]
+        out.update({k: float(v) for k, v in row.items() if k.startswith("val/") and _finite(v)})
+        return out
+
     def _metrics(self, row: dict[str, Any], agent_metrics: dict[str, float]) -> dict[str, float]:
-        """Namespaced metrics for the sink, from a ledger row."""
-        out: dict[str, float] = {"lm/loss": row["loss"], "lm/lr": row["lr"], "env/reward": row["reward"]}
+        """Namespaced metrics of one step, from its ledger row."""
+        out: dict[str, float] = {"lm/loss": row["loss"], "lm/lr": row["lr"], "env/reward": row["reward"],
+                                 "lm/grad_norm": row.get("grad_norm", math.nan)}
+        weights = np.array([row[f"weight/{name}"] for name in self.domain_names], dtype=float)
+        positive = weights[weights > 0]
+        out["mix/entropy"] = float(-(positive * np.log(positive)).sum())  # nats; log(K) = uniform
         for name in self.domain_names:
             out[f"lm/loss/{name}"] = row[f"loss/{name}"]
             out[f"mix/weight/{name}"] = row[f"weight/{name}"]
@@ -177,8 +213,8 @@ class RunLoop:
         if self.obs is None:
             self.obs, _ = self.env.reset(seed=cfg.seed)
         start = time.perf_counter() - self.wall_offset
-        bar = _progress(total, self.step) if self.rank == 0 else None
-        last_eval: dict[str, float] = {}
+        last_eval: dict[str, float] = self._evaluate_initial(start) if self.step == 0 else {}
+        bar = ProgressLine(total, self.step, cfg.train.log_interval) if self.rank == 0 else None
         while self.step < total:
             t0 = time.perf_counter()
             weights_K = self.mixer.act(self.obs, explore=True) if self.rank == 0 else None
@@ -226,33 +262,101 @@ class RunLoop:
             self.ledger.flush()
         return {"run_dir": str(self.run_dir), "step": self.step, "eval": last_eval}
 
+    def _evaluate_initial(self, start: float) -> dict[str, float]:
+        """Evaluate the untrained model (step 0, every rank: evaluation is collective) so that curves start at
+        the initial perplexity; rank 0 records it as the ledger's step-0 row and logs it. Only a fresh run
+        gets here: a resumed run's ledger already holds this row, so it is never evaluated twice."""
+        metrics = self.env.unwrapped.evaluate()
+        if self.rank == 0:
+            row: dict[str, Any] = {"step": 0, "tokens": 0, "wall_time": time.perf_counter() - start}
+            row.update(metrics)
+            self.ledger.append(row)
+            if self.sink is not None:
+                self.sink.log_metrics({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}, step=0)
+            if "val/mean_ppl" in metrics:
+                log.info("step 0/%d (untrained) val/mean_ppl %.3f", self.cfg.train.total_steps, metrics["val/mean_ppl"])
+        return dict(metrics)
+
     def _record(self, row: dict[str, Any], agent_metrics: dict[str, float], bar: Any, evaluated: bool) -> None:
-        """Progress bar / log line and batched metrics, rank 0 only."""
+        """Progress line and batched metrics, rank 0 only."""
         interval = self.cfg.train.log_interval
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{self._tok_s(row):.0f}")
-        elif self.step % interval == 0 or evaluated:
-            log.info(
-                "step %d/%d loss %.4f reward %+.3f tokens/s %.0f%s",
-                self.step, self.cfg.train.total_steps, row["loss"], row["reward"], self._tok_s(row),
-                f" val/mean_ppl {row['val/mean_ppl']:.3f}" if "val/mean_ppl" in row else "",
-            )
-        if self.sink is not None and (self.step % interval == 0 or evaluated):
-            self.sink.log_metrics(self._metrics(row, agent_metrics), step=self.step)
+            weights = {name: row[f"weight/{name}"] for name in self.domain_names}
+            top = max(weights, key=weights.__getitem__)
+            postfix = (f"loss {row['loss']:.3f} | {_si(self._tok_s(row))} tok/s | reward {row['reward']:+.3f} | "
+                       f"top {top} {weights[top]:.2f}")
+            if "val/mean_ppl" in row:
+                postfix += f" | val/mean_ppl {row['val/mean_ppl']:.3f}"
+            bar.update(self.step, postfix, force=evaluated)
+        if self.sink is not None:
+            self._accumulate(row, agent_metrics)
+            if self.step % interval == 0 or evaluated or self.step >= self.cfg.train.total_steps:
+                self.sink.log_metrics(self._window_metrics(row), step=self.step)
 
     def _tok_s(self, row: dict[str, Any]) -> float:
         step_s = row.get("time/step_s") or float("nan")
         return (row["tokens"] - self._prev_tokens) / step_s if step_s and step_s > 0 else float("nan")
 
 
-def _progress(total: int, initial: int) -> Any:
-    """A tqdm bar on a terminal, None otherwise (plain log lines are used then)."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
+PROGRESS_FORMAT = "{desc} {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}]{postfix}"
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+class ProgressLine:
+    """Rank 0's progress: ``train 120/200 (60%) [01:02<00:41], loss 4.1 | 15.2k tok/s | ... | top code 0.31``.
+
+    One look everywhere, from tqdm's formatter (elapsed, ETA): on a terminal it is one live tqdm line on
+    stderr, redrawn at most twice a second; where stderr is not a terminal (a Ray Train worker, whose
+    output Ray forwards to the driver prefixed by the worker's name; a redirected run) the same text is a
+    plain INFO log record every ``train.log_interval`` steps and at every evaluation, so no carriage
+    returns or ANSI codes reach ``run.log`` or Ray's logs. Evaluation steps are logged in both cases, so
+    ``run.log`` always holds them.
+    """
+
+    def __init__(self, total: int, initial: int, interval: int) -> None:
+        """Start the clock at step ``initial`` (a resumed run's ETA uses only this session's rate)."""
+        from tqdm import tqdm
+
+        self.total, self.initial, self.interval = total, initial, max(1, interval)
+        self.start = time.perf_counter()
+        self._tqdm = tqdm
+        self.bar = (
+            tqdm(total=total, initial=initial, desc="train", bar_format=PROGRESS_FORMAT, dynamic_ncols=True,
+                 mininterval=0.5)
+            if sys.stderr.isatty() else None
+        )
+
+    def text(self, step: int, postfix: str) -> str:
+        """The line for ``step`` (without drawing it)."""
+        elapsed = time.perf_counter() - self.start
+        return self._tqdm.format_meter(step, self.total, elapsed, prefix="train", bar_format=PROGRESS_FORMAT,
+                                       postfix=postfix, initial=self.initial)
+
+    def update(self, step: int, postfix: str, *, force: bool = False) -> None:
+        """Move to ``step``; ``force`` logs the line whatever the interval (evaluation steps)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.update(step - self.bar.n)
+            if force:
+                self.bar.clear()
+                log.info("%s", self.text(step, postfix))
+                self.bar.refresh()
+        elif force or step % self.interval == 0 or step >= self.total:
+            log.info("%s", self.text(step, postfix))
+
+    def close(self) -> None:
+        """End the live line (a terminal gets its final state)."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _si(x: float) -> str:
+    """``15234.0`` -> ``15.2k`` (NaN stays ``nan``)."""
+    if not math.isfinite(x):
+        return "nan"
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
 
 
 # --------------------------------------------------------------------------------------------- builders
@@ -353,6 +457,9 @@ def run_local(
 ) -> dict[str, Any]:
     """Run a whole experiment in this process, without Ray (the debugging path)."""
     run_dir, ckpt_path = prepare_run_dir(cfg, resume)
+    done = finished_result(cfg, run_dir, ckpt_path)
+    if done is not None:
+        return done
     handler = add_file_log(run_dir)
     warn_about_reward_coverage(cfg)
     env = None
@@ -383,6 +490,51 @@ def run_local(
         remove_file_log(handler)
 
 
+def finished_result(cfg: ExperimentConfig, run_dir: Path, ckpt_path: Path | None) -> dict[str, Any] | None:
+    """The result of a run that is already finished (its checkpoint is at ``train.total_steps``), else None.
+
+    Running a finished run again (a second ``make demo``, the same ``acodm train``) must not train,
+    start Ray or touch MLflow: the caller returns this result as it is, with the last evaluation read
+    from the ledger, so the end-of-run summary is the same as the first time.
+    """
+    if ckpt_path is None:
+        return None
+    import json
+
+    step = int(json.loads((Path(ckpt_path) / "loop.json").read_text())["step"])
+    if step < cfg.train.total_steps:
+        return None
+    last_eval: dict[str, float] = {}
+    ledger_path = Path(run_dir) / LEDGER_FILE
+    if ledger_path.exists():
+        rows = [r for r in Ledger.load(ledger_path).rows if _finite(r.get("val/mean_ppl"))]
+        if rows:
+            last_eval = {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and _finite(v)}
+    log.info(
+        "run %s is already finished (checkpoint at step %d, train.total_steps=%d): nothing to train, nothing "
+        "logged to MLflow", run_dir, step, cfg.train.total_steps,
+    )
+    return {"run_dir": str(run_dir), "step": step, "eval": last_eval, "already_finished": True}
+
+
+def domain_train_tokens(prepared_dir: str | Path, names: list[str]) -> dict[str, int] | None:
+    """Training tokens per domain from the prepared corpus's ``manifest.json`` (None if unreadable): the
+    denominator of the passes (epochs) over each domain."""
+    import json
+
+    try:
+        manifest = json.loads((Path(prepared_dir) / "manifest.json").read_text())
+        counts = {d["name"]: int(d["splits"]["train"]["num_tokens"]) for d in manifest["domains"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("no per-domain token counts from %s/manifest.json (%s): no epochs metrics", prepared_dir, exc)
+        return None
+    return {n: counts[n] for n in names if n in counts}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def finish_run(cfg: ExperimentConfig, run_dir: Path, mixer: Any, sink: Any | None) -> None:
     """Save the policy (AC-ODM) and log the end-of-run artifacts."""
     policy = None
@@ -395,3 +547,24 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, mixer: Any, sink: Any | Non
     sink.log_artifact(run_dir / LEDGER_FILE)
     if policy is not None and policy.exists():
         sink.log_artifact(policy)
+    attach_report(run_dir, sink)
+
+
+def attach_report(run_dir: Path, sink: Any) -> None:
+    """Write the run's own report (``acodm report <run_dir>``, in a temporary directory, so the run directory
+    is left to the user's own ``acodm report``) and attach it to its MLflow run under ``report/``, so the
+    run page holds its curves. A report that fails is logged and skipped: the run itself has succeeded."""
+    import tempfile
+
+    from ray_jobs.tracking import MLflowSink
+
+    if not isinstance(sink, MLflowSink):
+        return
+    try:
+        from analysis.report import build_report
+
+        with tempfile.TemporaryDirectory(prefix="acodm-report-") as tmp:
+            html_path = build_report([run_dir], Path(tmp) / "report", title=f"acodm run {Path(run_dir).name}")
+            sink.log_artifact(html_path.parent, "report")
+    except Exception as exc:  # plotting or I/O; never fail a finished run over its report
+        log.warning("could not attach the report of %s to MLflow run %s: %s", run_dir, sink.run_id, exc)

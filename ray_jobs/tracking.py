@@ -44,6 +44,10 @@ RUN_ID_FILE = "mlflow_run.json"
 PARENT_TAG = "mlflow.parentRunId"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 MANIFEST_TAG = "acodm.manifest_hash"
+DESCRIPTION_TAG = "mlflow.note.content"  # the run page's Description
+# MLflow 3's UI opens an experiment on its GenAI (traces) view unless told its kind; this tag is what
+# the UI reads (values in its ExperimentKind enum), so the experiment opens on the model-training view.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_TRACKED_BATCHES = 10_000  # metric batches whose outcome close() still checks
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # what MLflow accepts in metric/param names
@@ -274,7 +278,8 @@ def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> 
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # created by someone else in the meantime
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -284,6 +289,8 @@ def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> 
             f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore`) or choose "
             f"another tracking.experiment_name"
         )
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # created before this tag was set, or by someone else
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -380,6 +387,7 @@ class MLflowSink:
         self._pending: deque[Any] = deque(maxlen=MAX_TRACKED_BATCHES)
         self.failed_batches = 0
         self.status: str | None = None
+        self._system: Any = None  # MLflow's SystemMetricsMonitor, from start_system_metrics
 
     # -- MetricsSink -----------------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -447,11 +455,26 @@ class MLflowSink:
         self.failed_batches += failed
         return failed
 
+    def start_system_metrics(self) -> None:
+        """Sample this node's CPU, memory, disk and network (GPU when present) into the run's ``system/*``
+        metrics from a background thread (MLflow's ``SystemMetricsMonitor``) until ``close``."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(self.run_id, resume_logging=self.resumed,
+                                                tracking_uri=self.tracking_uri)
+            self._system.start()
+        except Exception as exc:  # psutil missing, an unsupported platform: tracking goes on without them
+            log.warning("no MLflow system metrics for run %s: %s", self.run_id, exc)
+
     def close(self, status: str = "FINISHED") -> None:
         """Flush the metrics and set the run's final status (idempotent)."""
         _check_status(status)
         if self.status is not None:
             return
+        if self._system is not None:
+            self._system.finish()
+            self._system = None
         self.flush()
         if self.failed_batches:
             log.error(
@@ -523,8 +546,10 @@ def make_sink(
     """The sink for this process: an ``MLflowSink`` on rank 0 with tracking enabled, else a ``NullSink``.
 
     The new run gets the flattened config as params and ``default_tags``, ``tracking.tags`` and ``tags``. With
-    ``run_dir``, a run recorded in ``<run_dir>/mlflow_run.json`` for the same tracking URI and not
-    FINISHED is continued (a restarted worker group, ``--resume``), else a new run is recorded there.
+    ``run_dir``, the run recorded in ``<run_dir>/mlflow_run.json`` for the same tracking URI is
+    continued whatever its status (a restarted worker group, ``--resume``, a finished run extended)
+    as long as the store still has it and it is not deleted; else a new run is recorded there. (A run
+    already at ``train.total_steps`` never gets here: ``driver.finished_result`` stops it first.)
 
     Args:
         cfg: the experiment.
@@ -563,7 +588,38 @@ def make_sink(
             sink.set_tags(tags)
     if log_params:
         sink.log_params(flatten(cfg))
+    if isinstance(sink, MLflowSink) and not sink.resumed:
+        sink.set_tags({DESCRIPTION_TAG: run_description(cfg)})
+        log_dataset_input(sink, cfg)
+    if isinstance(sink, MLflowSink) and cfg.tracking.system_metrics:
+        sink.start_system_metrics()
     return sink
+
+
+def run_description(cfg: ExperimentConfig) -> str:
+    """The run page's Description: what was trained, on what, steered by which mixer."""
+    targets = [d.name for d in cfg.data.domains if d.target]
+    others = [d.name for d in cfg.data.domains if not d.target]
+    return (
+        f"acodm run `{cfg.name}`: a `{cfg.lm.preset}` LM pretrained for {cfg.train.total_steps} steps "
+        f"(seq_len {cfg.lm.seq_len}) on {len(cfg.data.domains)} domains of `{cfg.data.prepared_dir}`, the "
+        f"mixture chosen online by `{cfg.agent.kind}`. Target domains (val/mean_ppl averages them): "
+        f"{', '.join(targets)}" + (f"; not targets: {', '.join(others)}" if others else "") + ". "
+        "Metrics are means over each logging interval; the ledger and config are artifacts."
+    )
+
+
+def log_dataset_input(sink: MLflowSink, cfg: ExperimentConfig) -> None:
+    """Record the prepared corpus as the run's training dataset (name, manifest digest, source path)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    digest = manifest_hash(cfg.data.prepared_dir)
+    if digest is None:
+        return
+    path = Path(cfg.data.prepared_dir).expanduser().resolve()
+    dataset = Dataset(name=path.name if path.name != "prepared" else f"{path.parent.name}/{path.name}",
+                      digest=digest[:20], source_type="local", source=json.dumps({"uri": path.as_uri()}))
+    sink._client.log_inputs(sink.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])])
 
 
 def _resumable(uri: str, run_id: str) -> bool:
@@ -574,4 +630,4 @@ def _resumable(uri: str, run_id: str) -> bool:
         run = MlflowClient(tracking_uri=uri).get_run(run_id)
     except MlflowException:
         return False
-    return run.info.status != "FINISHED" and run.info.lifecycle_stage == "active"
+    return run.info.lifecycle_stage == "active"

@@ -35,6 +35,7 @@ from ray_jobs.driver import (
     build_env,
     build_local_mixer,
     finish_run,
+    finished_result,
     mixer_kwargs,
     remove_file_log,
     resolve_policy,
@@ -263,6 +264,9 @@ def run_train(
     from ray_jobs.tracking import prepare_tracking, resolve_tracking_uri
 
     run_dir, ckpt = prepare_run_dir(cfg, resume)
+    done = finished_result(cfg, run_dir, ckpt)
+    if done is not None:  # nothing to train: no Ray, no MLflow run
+        return done
     warn_about_reward_coverage(cfg)
     check_storage(str(run_dir.resolve()), field="output_dir")
     if cfg.ray.storage_path is not None:

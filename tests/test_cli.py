@@ -143,3 +143,19 @@ def test_module_entry_point_help_in_a_subprocess():
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 0 and all(name in proc.stdout for name in SUBCOMMANDS)
+
+
+def test_run_summary_hints_name_commands_that_run_as_printed(tmp_path, capsys):
+    import shutil
+
+    from ray_jobs.cli import print_run_summary
+    from ray_jobs.config import ExperimentConfig
+    from tests.conftest import experiment
+
+    cfg = ExperimentConfig.from_dict(experiment(tmp_path, tmp_path, **{"tracking.enabled": True}))
+    print_run_summary(cfg, {"run_dir": str(tmp_path / "t"), "eval": {"val/mean_ppl": 12.5}})
+    lines = {ln.split(":", 1)[0].strip(): ln.split(":", 1)[1].strip() for ln in capsys.readouterr().out.splitlines()}
+    for key, name in (("report", "acodm"), ("MLflow", "mlflow")):
+        exe = lines[key].split()[0]
+        assert exe.endswith(name) and shutil.which(exe) is not None, lines[key]
+    assert lines["report"].split()[1:] == ["report", str(tmp_path / "t"), "--out", str(tmp_path / "t" / "report")]

@@ -143,9 +143,11 @@ def test_explicit_target_that_uniform_never_reaches(run_dirs):
     assert "given with --target" in c.target_rule
 
 
-def test_no_uniform_and_no_target_is_a_clear_error(run_dirs):
-    with pytest.raises(ValueError, match="no uniform run .* and no --target given"):
-        compare(_runs(run_dirs, "ac_odm"))
+def test_no_uniform_and_no_target_gives_no_steps_to_target(run_dirs):
+    c = compare(_runs(run_dirs, "ac_odm"))
+    assert c.target is None and "No target" in c.target_rule
+    assert math.isnan(c.table.loc[0, "steps_to_target"]) and c.table.loc[0, "reached"] == 0
+    assert math.isfinite(c.table.loc[0, "final_ppl"])
     c = compare(_runs(run_dirs, "ac_odm"), target=30.0)
     assert math.isnan(c.table.loc[0, "step_ratio"])
     with pytest.raises(ValueError, match="positive finite"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +31,11 @@ def test_static_run_writes_ledger_config_and_checkpoints(prepared: Path, tmp_pat
     result = run_local(cfg)
     run_dir = tmp_path / "t"
     ledger = read_ledger(run_dir)
-    assert list(ledger["step"]) == list(range(1, 13))
+    assert list(ledger["step"]) == list(range(0, 13))
+    # step 0: the untrained model's evaluation only (curves start at the initial perplexity)
+    initial = ledger.iloc[0]
+    assert initial["tokens"] == 0 and np.isnan(initial["loss"]) and initial["val/mean_ppl"] > 0
+    ledger = ledger.iloc[1:]
     # uniform mixer: every step's weights are uniform, micro-batch counts sum to the step's total
     weights = ledger[[f"weight/{d}" for d in DOMAINS]].to_numpy()
     np.testing.assert_allclose(weights, 1 / 3)
@@ -39,11 +44,19 @@ def test_static_run_writes_ledger_config_and_checkpoints(prepared: Path, tmp_pat
     assert (ledger["tokens"].diff().dropna() == 3 * 2 * 32).all()
     evaluated = ledger.dropna(subset=["val/mean_ppl"])
     assert list(evaluated["step"]) == [4, 8, 12]
+    assert initial["val/mean_ppl"] > evaluated["val/mean_ppl"].iloc[-1]  # training lowered it
     assert np.isfinite(evaluated[[f"val/ppl/{d}" for d in DOMAINS]].to_numpy()).all()
     assert result["eval"]["val/mean_ppl"] == pytest.approx(evaluated["val/mean_ppl"].iloc[-1])
     assert [p.name for p in checkpoint_dirs(run_dir)] == ["step_00000008", "step_00000012"]
     assert load_config(run_dir / "config.yaml") == cfg
-    assert (run_dir / "run.log").read_text().count("checkpoint step") == 3
+    run_log = (run_dir / "run.log").read_text()
+    assert run_log.count("checkpoint step") == 3
+    # the progress line (stderr is not a terminal under pytest): plain records every log_interval (2) steps
+    progress = [ln.split("ray_jobs.driver: ", 1)[1] for ln in run_log.splitlines() if "driver: train " in ln]
+    assert [p.split()[1] for p in progress] == [f"{s}/12" for s in (2, 4, 6, 8, 10, 12)]
+    assert re.fullmatch(r"train 12/12 \(100%\) \[\d\d:\d\d<00:00\], loss \d\.\d{3} \| [\d.]+k? tok/s \| "
+                        r"reward [+-]\d\.\d{3} \| top alpha 0\.33 \| val/mean_ppl [\d.]+", progress[-1]), progress[-1]
+    assert "\r" not in run_log and "\x1b" not in run_log
 
 
 def test_resume_from_checkpoint_is_bit_identical(prepared: Path, tmp_path: Path) -> None:
@@ -102,7 +115,7 @@ def test_sigkill_between_checkpoints_then_resume_matches_uninterrupted(
     done = subprocess.run([*cmd[:-2], "train", str(cfg_path), "--resume", str(run_dir)], cwd=REPO, env=env)
     assert done.returncode == 0
     resumed = read_ledger(run_dir)
-    assert list(resumed["step"]) == list(range(1, steps + 1))
+    assert list(resumed["step"]) == list(range(0, steps + 1))  # step 0 evaluated once, not again on resume
     timing = [c for c in reference.columns if c.startswith("time/") or c == "wall_time"]
     pd.testing.assert_frame_equal(
         resumed.drop(columns=timing), reference.drop(columns=timing), check_exact=True
@@ -191,3 +204,63 @@ def test_console_script_runs_again_with_the_allocator_env(monkeypatch: pytest.Mo
     assert os.environ["MALLOC_MMAP_THRESHOLD_"] == ALLOCATOR_ENV["MALLOC_MMAP_THRESHOLD_"]
     calls.clear()
     assert cli.console_main() == 0 and calls == []  # the environment is complete: no second exec
+
+
+@pytest.mark.slow
+def test_running_a_finished_run_again_adds_no_mlflow_run(prepared: Path, tmp_path: Path) -> None:
+    """A second ``acodm train`` of a finished run (a second ``make demo``) trains nothing and leaves MLflow
+    as it was: same run count, same run id in ``mlflow_run.json``, no new metric values."""
+    import sqlite3
+
+    cfg = ExperimentConfig.from_dict(
+        experiment(prepared, tmp_path, **{"train.total_steps": 4, "tracking.enabled": True})
+    )
+    first = run_local(cfg)
+    run_dir = tmp_path / "t"
+    db = tmp_path / "mlflow.db"
+
+    def counts() -> tuple[int, int]:
+        with sqlite3.connect(db) as con:
+            return (con.execute("select count(*) from runs").fetchone()[0],
+                    con.execute("select count(*) from metrics").fetchone()[0])
+
+    before, run_id = counts(), (run_dir / "mlflow_run.json").read_text()
+    # what the MLflow UI shows: model-training view, a description, the corpus as the dataset input
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.get_run(first_run_id := __import__("json").loads(run_id)["run_id"])
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "acodm run `t`" in run.data.tags["mlflow.note.content"]
+    (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+    assert dataset.digest and str(prepared.resolve()) in dataset.source
+    assert client.get_metric_history(first_run_id, "val/mean_ppl")[0].step == 0
+    assert {"report/report.html", "report/report.md"} <= {a.path for a in client.list_artifacts(first_run_id, "report")}
+    ledger = read_ledger(run_dir)
+    assert before[0] == 1 and before[1] > 0
+    again = run_local(cfg)
+    assert counts() == before
+    assert (run_dir / "mlflow_run.json").read_text() == run_id
+    pd.testing.assert_frame_equal(read_ledger(run_dir), ledger)
+    assert again["already_finished"] and again["eval"]["val/mean_ppl"] == first["eval"]["val/mean_ppl"]
+
+
+def test_metrics_are_means_over_the_logging_interval(prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    from ray_jobs.tracking import InMemorySink
+
+    sink = InMemorySink()
+    monkeypatch.setattr("ray_jobs.tracking.make_sink", lambda *a, **k: sink)
+    cfg = ExperimentConfig.from_dict(experiment(prepared, tmp_path, **{"train.total_steps": 6, "train.log_interval": 3}))
+    run_local(cfg)
+    ledger = read_ledger(tmp_path / "t").set_index("step")
+    loss = sink.history("lm/loss")
+    assert [s for s, _ in loss] == [3, 4, 6]  # every 3 steps and at the evaluation at step 4
+    assert loss[0][1] == pytest.approx(ledger.loc[1:3, "loss"].mean())
+    assert loss[1][1] == pytest.approx(ledger.loc[4, "loss"])
+    assert loss[2][1] == pytest.approx(ledger.loc[5:6, "loss"].mean())
+    assert sink.history("val/mean_ppl")[0] == (0, pytest.approx(ledger.loc[0, "val/mean_ppl"]))
+    assert sink.history("data/tokens/alpha")[-1][1] == ledger["tokens/alpha"].sum()
+    epochs = sink.history("data/epochs/alpha")[-1][1]
+    assert 0 < epochs < ledger["tokens/alpha"].sum()  # a fraction of a pass over alpha's training tokens
+    assert sink.history("mix/entropy")[0][1] == pytest.approx(np.log(3))  # uniform over 3 domains
+    assert {"lm/grad_norm", "lm/lr", "lm/skipped_steps", "perf/tokens_per_s"} <= set(sink.metrics)

@@ -223,9 +223,12 @@ def test_restarted_run_continues_the_same_mlflow_run(sqlite_root: Path) -> None:
     client = _read(second.tracking_uri)
     assert [m.step for m in client.get_metric_history(first.run_id, "lm/loss")] == [1, 2]
     assert client.get_run(first.run_id).info.status == "FINISHED"
-    third = make_sink(cfg, rank=0, run_dir=run_dir)  # a FINISHED run is not reopened
-    assert third.run_id != first.run_id
+    # a FINISHED run is continued too (e.g. extended with --resume), never replaced by a new run
+    third = make_sink(cfg, rank=0, run_dir=run_dir)
+    assert third.run_id == first.run_id and third.resumed
     third.close()
+    named = client.search_runs([third.experiment_id], filter_string="attributes.run_name = 'resumed'")
+    assert [r.info.run_id for r in named] == [first.run_id]
 
 
 @pytest.mark.slow
