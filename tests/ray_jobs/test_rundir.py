@@ -113,7 +113,7 @@ def test_second_train_command_names_the_first_and_a_sigkill_leaves_no_stale_lock
     assert killed_at < steps
     resumed = acodm("train", str(cfg_path))  # no stale lock after SIGKILL: resumes at once
     assert resumed.returncode == 0, resumed.stderr
-    assert list(pd.read_parquet(run_dir / "ledger.parquet")["step"]) == list(range(1, steps + 1))
+    assert list(pd.read_parquet(run_dir / "ledger.parquet")["step"]) == list(range(steps + 1))
 
 
 # --------------------------------------------------------------------------------------------- the data

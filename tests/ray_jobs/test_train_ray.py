@@ -42,9 +42,9 @@ def test_two_workers_with_agent_actor_log_to_sqlite_mlflow(ray_session, prepared
     cfg = ExperimentConfig.from_dict(ray_experiment(prepared, tmp_path, **AC_ODM, **{"tracking.enabled": True}))
     summary = run_train(cfg)
     ledger = pd.read_parquet(tmp_path / "t" / "ledger.parquet")
-    assert list(ledger["step"]) == list(range(1, 13))
+    assert list(ledger["step"]) == list(range(13))  # step 0: the untrained model's evaluation
     # two ranks: each step has 2 workers x 3 micro-batches, all-reduced into the global counts
-    assert (ledger[[f"microbatches/{d}" for d in DOMAINS]].sum(axis=1) == 6).all()
+    assert (ledger[[f"microbatches/{d}" for d in DOMAINS]].iloc[1:].sum(axis=1) == 6).all()
     assert ledger["agent/critic_loss"].notna().any(), "the agent actor never reported an update"
     uri = summary["mlflow_uri"]
     assert uri.startswith("sqlite:///")
@@ -56,7 +56,7 @@ def test_two_workers_with_agent_actor_log_to_sqlite_mlflow(ray_session, prepared
                 "val/ppl/alpha", "perf/tokens_per_s", "perf/step_s", "agent/critic_loss", "agent/actor_loss"):
         assert key in run.data.metrics, key
     history = client.get_metric_history(run.info.run_id, "val/mean_ppl")
-    assert [m.step for m in history] == [4, 8, 12]
+    assert [m.step for m in history] == [0, 4, 8, 12]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "ledger.parquet", "policy.pt"} <= artifacts
 
@@ -161,7 +161,7 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(prepared: Path, tmp_p
     done, run_dir = _run_and_kill(tmp_path, prepared, "ray::RayTrainWorker", over)
     assert done.returncode == 0, done.stdout[-4000:]
     ledger = pd.read_parquet(run_dir / "ledger.parquet")
-    assert list(ledger["step"]) == list(range(1, 17)), "every step exactly once after the restart"
+    assert list(ledger["step"]) == list(range(17)), "every step exactly once after the restart"
     log_text = (run_dir / "run.log").read_text()
     assert "resumed at step" in log_text, log_text[-3000:]
     assert log_text.count("built tiny") == 2, "the worker group restarted once, from the checkpoint"
@@ -172,7 +172,7 @@ def test_killed_agent_learner_is_recreated_from_the_checkpoint(prepared: Path, t
     done, run_dir = _run_and_kill(tmp_path, prepared, "ray::Learner", over)
     assert done.returncode == 0, done.stdout[-4000:]
     ledger = pd.read_parquet(run_dir / "ledger.parquet")
-    assert list(ledger["step"]) == list(range(1, 17))
+    assert list(ledger["step"]) == list(range(17))
     assert "starting a new one from the last checkpoint" in (run_dir / "run.log").read_text()
     assert ledger["agent/restarts"].max() == 1
 

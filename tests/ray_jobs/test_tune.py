@@ -295,7 +295,7 @@ def test_asha_sweep_stops_bad_trials_writes_best_and_tracks_mlflow(ray_session, 
         events = [e["event"] for e in TrialEvents(Path(row.run_dir)).read()]
         assert events[0] == "start" and events.count("start") == 1
         steps = ledger(row.run_dir)["step"].tolist()  # a stopped run may get past its last report
-        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= row.last_step
+        assert steps == list(range(len(steps))) and len(steps) > row.last_step  # step 0: the untrained model
     assert all((Path(r) / "policy.pt").exists() for r in completed["run_dir"])
 
     best = load_config(exp_dir / "best.yaml")
@@ -322,7 +322,7 @@ def test_asha_sweep_stops_bad_trials_writes_best_and_tracks_mlflow(ray_session, 
 
     # best.yaml is a complete config `acodm train` takes (in-process here: Ray Train runs are tested elsewhere)
     assert main(["train", str(exp_dir / "best.yaml"), "--set", "ray.enabled=false"]) == 0
-    assert ledger(tmp_path / "sweep-best")["step"].tolist() == list(range(1, 9))
+    assert ledger(tmp_path / "sweep-best")["step"].tolist() == list(range(9))
 
 
 @pytest.mark.slow
@@ -344,11 +344,11 @@ def test_pbt_clones_the_best_trials_checkpoint_into_the_worst(ray_session, prepa
         assert clone["params"]["optim.lr"] == source["param/optim.lr"] == row["param/optim.lr"]
         assert 1e-4 <= clone["params"]["agent.actor_lr"] <= 1e-2
         assert load_config(Path(row["run_dir"]) / "config.yaml").agent.actor_lr == clone["params"]["agent.actor_lr"]
-        # state came from the checkpoint: the first 8 ledger rows are the source's, then the run went on
+        # state came from the checkpoint: the ledger rows to step 8 are the source's, then the run went on
         mine, theirs = ledger(row["run_dir"]), ledger(source["run_dir"])
-        assert mine["step"].tolist() == list(range(1, 13))
+        assert mine["step"].tolist() == list(range(13))
         cols = ["step", "loss"] + [f"weight/{d}" for d in DOMAINS]
-        pd.testing.assert_frame_equal(mine[cols].iloc[:8], theirs[cols].iloc[:8])
+        pd.testing.assert_frame_equal(mine[cols].iloc[:9], theirs[cols].iloc[:9])
         assert "resumed at step 8" in (Path(row["run_dir"]) / "run.log").read_text()
     # ranking at step 8 ranks the bad LRs last: a clone source always had a good LR
     sources = {e["from_trial"] for r in frame["run_dir"] for e in TrialEvents(Path(r)).read() if e["event"] == "clone"}
@@ -403,5 +403,5 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, pre
     assert after[0]["event"] in ("resume", "start") and after[-1]["status"] == "completed"
     assert reported[0] > 8 and reported == list(range(int(reported[0]), 201, 8))
     assert "resumed at step" in (second / "run.log").read_text()
-    assert ledger(second)["step"].tolist() == list(range(1, 201))
+    assert ledger(second)["step"].tolist() == list(range(201))
     assert json.loads((exp_dir / "mlflow_run.json").read_text())["run_id"] == summary["parent_run_id"]
