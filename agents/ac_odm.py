@@ -404,7 +404,8 @@ class ActorCriticMixer(BaseMixer):
             **self._header(),
             "architecture": dict(self.architecture),
             **{name: module.state_dict() for name, module in self._modules().items()},
-            "lr_schedule": {"kind": self.config.lr_schedule, "num_main_updates": self.num_main_updates},
+            "lr_schedule": {"kind": self.config.lr_schedule, "num_main_updates": self.num_main_updates,
+                            "warmup_steps": self.warmup_steps},
             "replay_buffer": self.replay_buffer.state_dict(),
             "explore_entropy": self.explore_entropy,
             "noise_generator": self.noise_generator.get_state(),
@@ -425,6 +426,8 @@ class ActorCriticMixer(BaseMixer):
         for name, module in self._modules().items():
             module.load_state_dict(state[name])
         self.num_main_updates = int(state["lr_schedule"]["num_main_updates"])
+        # the warm-up length is fixed when a run starts: a run extended to more decisions keeps it
+        self.warmup_steps = int(state["lr_schedule"].get("warmup_steps", self.warmup_steps))
         self.replay_buffer.load_state_dict(state["replay_buffer"])
         self.explore_entropy = int(state["explore_entropy"])
         self.noise_generator.set_state(state["noise_generator"])

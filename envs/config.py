@@ -137,11 +137,29 @@ class LMConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    """AdamW with linear warmup then cosine decay (Pythia defaults)."""
+    """AdamW with linear warmup, then a cosine decay (Pythia defaults) or warmup-stable-decay.
+
+    ``schedule: wsd`` (MiniCPM, arXiv 2404.06395) holds the peak LR until the last ``decay_fraction`` of
+    the steps, then decays to ``min_lr_ratio``. Every step before the decay starts is the same whatever
+    ``train.total_steps`` is, so a run can be extended (``acodm train --resume`` with a larger
+    ``train.total_steps``) from its checkpoint at the decay start; a cosine run cannot, since its LR at
+    every step depends on the horizon.
+    """
 
     lr: float = Field(6e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of lr.")
     warmup_fraction: float = Field(0.01, ge=0, lt=1)
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="cosine: warmup then cosine decay over the whole run; wsd: warmup, constant "
+        "peak LR, then a decay over the last decay_fraction of the steps (the run can be extended).",
+    )
+    decay_fraction: float = Field(
+        0.2, gt=0, le=1, description="wsd: the share of train.total_steps spent decaying (Hagele et al. 2024, "
+        "arXiv 2405.18392: a 20% cooldown matches cosine).",
+    )
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = Field(
+        "1-sqrt", description="wsd: the decay's shape from lr to min_lr_ratio * lr (1-sqrt: Hagele et al.).",
+    )
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)

@@ -71,6 +71,75 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class WarmupStableDecay:
+    """LR multiplier of warmup-stable-decay (MiniCPM, arXiv 2404.06395): linear warmup to 1 over
+    ``warmup_steps``, 1 until ``decay_start``, then ``shape`` down to ``min_ratio`` at ``total_steps``.
+
+    The multiplier of every step before ``decay_start`` does not depend on ``total_steps``: that is what
+    lets a run be extended from its checkpoint at the decay start (``extend``). ``shape`` is ``linear``,
+    ``cosine`` or ``1-sqrt`` (``1 - sqrt(progress)``, Hagele et al., arXiv 2405.18392). Same step indexing
+    as ``WarmupCosine``; the last step (``total_steps - 1``) runs at ``min_ratio``.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float, decay_steps: int,
+                 shape: str = "1-sqrt") -> None:
+        if shape not in ("linear", "cosine", "1-sqrt"):
+            raise ValueError(f"decay shape must be linear, cosine or 1-sqrt, got {shape!r}")
+        self.warmup_steps = int(warmup_steps)
+        self.min_ratio = float(min_ratio)
+        self.shape = shape
+        self.total_steps = int(total_steps)
+        self.decay_steps = max(1, min(int(decay_steps), self.total_steps))
+        self.decay_start = self.total_steps - self.decay_steps
+
+    def extend(self, total_steps: int, decay_steps: int) -> None:
+        """Move the horizon (and with it the decay) to ``total_steps``; the warmup is kept as it was."""
+        self.total_steps = int(total_steps)
+        self.decay_steps = max(1, min(int(decay_steps), self.total_steps))
+        self.decay_start = self.total_steps - self.decay_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if step < self.decay_start:
+            return 1.0
+        progress = min(1.0, (step - self.decay_start + 1) / self.decay_steps)
+        if self.shape == "linear":
+            left = 1.0 - progress
+        elif self.shape == "cosine":
+            left = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            left = 1.0 - math.sqrt(progress)
+        return self.min_ratio + (1.0 - self.min_ratio) * left
+
+
+def warmup_steps_of(optim_cfg: OptimConfig, total_steps: int) -> int:
+    """Warmup length of a run of ``total_steps`` (``optim.warmup_fraction``, at least one step if set)."""
+    return max(1, round(optim_cfg.warmup_fraction * total_steps)) if optim_cfg.warmup_fraction else 0
+
+
+def decay_steps_of(optim_cfg: OptimConfig, total_steps: int) -> int:
+    """Steps of a ``wsd`` run's decay phase: ``optim.decay_fraction`` of ``total_steps``, at least one."""
+    return max(1, min(total_steps, round(optim_cfg.decay_fraction * total_steps)))
+
+
+def stable_checkpoint_step(optim_cfg: OptimConfig, total_steps: int) -> int | None:
+    """The step a ``wsd`` run keeps a checkpoint at so it can be extended: the last one before its decay
+    (the state after ``decay_start`` optimiser steps, all at the warmup or peak LR); None for cosine."""
+    if optim_cfg.schedule != "wsd":
+        return None
+    return total_steps - decay_steps_of(optim_cfg, total_steps)
+
+
+def lr_schedule(optim_cfg: OptimConfig, total_steps: int) -> WarmupCosine | WarmupStableDecay:
+    """The LR multiplier ``optim.schedule`` names, for a run of ``total_steps``."""
+    warmup = warmup_steps_of(optim_cfg, total_steps)
+    if optim_cfg.schedule == "wsd":
+        return WarmupStableDecay(warmup, total_steps, optim_cfg.min_lr_ratio,
+                                 decay_steps_of(optim_cfg, total_steps), optim_cfg.decay_shape)
+    return WarmupCosine(warmup, total_steps, optim_cfg.min_lr_ratio)
+
+
 def build_optimizer(
     model: torch.nn.Module, optim_cfg: OptimConfig, device: torch.device
 ) -> torch.optim.AdamW:
@@ -175,12 +244,8 @@ class Pretrainer:
         self._autocast = autocast_dtype(lm_cfg.precision, self.device)
 
         self.optimizer = build_optimizer(self.model, optim_cfg, self.device)
-        warmup_steps = (
-            max(1, round(optim_cfg.warmup_fraction * self.total_steps)) if optim_cfg.warmup_fraction else 0
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, WarmupCosine(warmup_steps, self.total_steps, optim_cfg.min_lr_ratio)
-        )
+        self.optim_cfg = optim_cfg
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(optim_cfg, self.total_steps))
         num_sequences_K = [corpus.num_sequences(k, "train", self.seq_len) for k in range(self.num_domains)]
         self.sampler = DomainSampler(
             num_sequences_K,
@@ -447,6 +512,17 @@ class Pretrainer:
         return validation_metrics(self.domain_names, loss_sum_K, tokens_K, self.target_mask_K)
 
     # ------------------------------------------------------------------------------ state
+    def _extendable(self, state: dict[str, Any]) -> bool:
+        """Whether a state saved with another ``total_steps`` may continue under this one: both are
+        warmup-stable-decay and the state is from before either decay began, so no step it took would
+        have had another LR (the rule ``acodm train --resume`` applies when a run is extended)."""
+        saved = (state.get("scheduler") or {}).get("lr_lambdas") or [None]
+        fields = saved[0] if isinstance(saved[0], dict) else {}
+        if self.optim_cfg.schedule != "wsd" or "decay_start" not in fields:
+            return False
+        mine = stable_checkpoint_step(self.optim_cfg, self.total_steps)
+        return mine is not None and int(state["step"]) <= min(int(fields["decay_start"]), mine)
+
     def _header(self) -> dict[str, Any]:
         """What a saved state must agree with to be loadable here (and what export rebuilds from)."""
         config = self.model.config
@@ -494,12 +570,22 @@ class Pretrainer:
             raise ValueError(f"not a Pretrainer state of version {STATE_VERSION} (found {found!r})")
         mine, theirs = self._header(), state["header"]
         differ = [key for key in mine if mine[key] != theirs.get(key)]
-        if differ:
+        extending = differ == ["total_steps"] and self._extendable(state)
+        if differ and not extending:
             details = "; ".join(f"{key}: saved {theirs.get(key)!r}, now {mine[key]!r}" for key in differ)
             raise ValueError(f"the saved Pretrainer state does not fit this run: {details}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.load_state_dict(state["scheduler"])  # restores the saved schedule's fields too
+        if extending:
+            schedule = self.scheduler.lr_lambdas[0]
+            schedule.extend(self.total_steps, decay_steps_of(self.optim_cfg, self.total_steps))
+            # the optimiser holds the next step's LR from the old horizon: recompute it from the new one
+            for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+                group["lr"] = base_lr * schedule(self.scheduler.last_epoch)
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            log.info("LR schedule extended from %d to %d steps (decay from step %d; warmup kept at %d)",
+                     theirs["total_steps"], self.total_steps, schedule.decay_start, schedule.warmup_steps)
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():

@@ -22,9 +22,12 @@ import numpy as np
 import torch
 
 from agents.base import Transition
+from envs.pretrainer import stable_checkpoint_step
 from ray_jobs.checkpoints import (
     CKPT_DIR,
+    is_checkpoint_step,
     join_env_state,
+    keep_stable_checkpoint,
     load_checkpoint,
     prepare_run_dir,
     split_env_state,
@@ -248,8 +251,10 @@ class RunLoop:
                 row.update(eval_metrics)
                 self.ledger.append(row)
                 self._record(row, agent_metrics, bar, evaluated)
-            checkpointing = self.step % cfg.checkpoint.interval == 0 or self.step >= total
+            checkpointing = is_checkpoint_step(cfg, self.step)
             path = self.checkpoint(wall) if checkpointing else None
+            if path is not None and self.step == stable_checkpoint_step(cfg.optim, total):
+                keep_stable_checkpoint(self.run_dir, path)
             if (evaluated or checkpointing) and self.hooks.on_report is not None:
                 report = {k: float(v) for k, v in eval_metrics.items()}
                 report.update(step=float(self.step), tokens=float(self.tokens_total))

@@ -567,10 +567,14 @@ def make_sink(
         return NullSink()
     uri = tracking_uri or resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir)
     run_id = None
+    tags = dict(tags or {})
     if run_dir is not None:
         run_id = _read_run_id(Path(run_dir), uri)
         if run_id is not None and not _resumable(uri, run_id):
             run_id = None
+        if run_id is None and parent_run_id is None:  # an extended run nests under its shorter self
+            parent_run_id, extension_tags = _extension_parent(Path(run_dir), uri)
+            tags.update(extension_tags)
     sink = MLflowSink(
         uri,
         cfg.tracking.experiment_name,
@@ -589,7 +593,11 @@ def make_sink(
     if log_params:
         sink.log_params(flatten(cfg))
     if isinstance(sink, MLflowSink) and not sink.resumed:
-        sink.set_tags({DESCRIPTION_TAG: run_description(cfg)})
+        description = run_description(cfg)
+        if "acodm.branch_step" in tags:
+            description += (f" Extends the run's {tags['acodm.extends_steps']}-step version (the parent run) from "
+                            f"its checkpoint at step {tags['acodm.branch_step']}: earlier steps are logged there.")
+        sink.set_tags({DESCRIPTION_TAG: description})
         log_dataset_input(sink, cfg)
     if isinstance(sink, MLflowSink) and cfg.tracking.system_metrics:
         sink.start_system_metrics()
@@ -620,6 +628,24 @@ def log_dataset_input(sink: MLflowSink, cfg: ExperimentConfig) -> None:
     dataset = Dataset(name=path.name if path.name != "prepared" else f"{path.parent.name}/{path.name}",
                       digest=digest[:20], source_type="local", source=json.dumps({"uri": path.as_uri()}))
     sink._client.log_inputs(sink.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])])
+
+
+def _extension_parent(run_dir: Path, tracking_uri: str) -> tuple[str | None, dict[str, str]]:
+    """The MLflow run of the shorter run this one extends (``checkpoints._extend``), and tags saying so."""
+    from ray_jobs.checkpoints import EXTENSION_FILE
+
+    try:
+        record = json.loads((run_dir / EXTENSION_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, {}
+    tags = {"acodm.extends_steps": str(record.get("previous_total_steps")),
+            "acodm.branch_step": str(record.get("branch_step"))}
+    previous = record.get("previous_mlflow") or {}
+    if previous.get("tracking_uri") != tracking_uri or not previous.get("run_id"):
+        return None, tags
+    if not _resumable(tracking_uri, previous["run_id"]):
+        return None, tags
+    return previous["run_id"], tags
 
 
 def _resumable(uri: str, run_id: str) -> bool:

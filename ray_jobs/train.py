@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.checkpoints import load_checkpoint, load_latest_checkpoint, prepare_run_dir
+from ray_jobs.checkpoints import is_checkpoint_step, load_checkpoint, load_latest_checkpoint, prepare_run_dir
 from ray_jobs.config import ExperimentConfig, absolute_paths
 from ray_jobs.driver import (
     LoopHooks,
@@ -177,7 +177,7 @@ def _reporter(cfg: ExperimentConfig) -> Any:
     from ray.train import Checkpoint
 
     def on_report(step: int, metrics: dict[str, float], path: Path | None) -> None:
-        checkpointing = step % cfg.checkpoint.interval == 0 or step >= cfg.train.total_steps
+        checkpointing = is_checkpoint_step(cfg, step)
         ray.train.report(
             metrics,
             checkpoint=Checkpoint.from_directory(str(path)) if path is not None else None,

@@ -13,7 +13,7 @@ import torch
 
 from envs.config import LMConfig, OptimConfig
 from envs.data import PreparedCorpus
-from envs.pretrainer import Pretrainer, WarmupCosine
+from envs.pretrainer import Pretrainer, WarmupCosine, WarmupStableDecay, lr_schedule, stable_checkpoint_step
 from tests.envs.lm_fixtures import make_real_text_corpus, make_synthetic_corpus, tiny_configs
 
 DOMAINS = ("alpha", "beta", "gamma")
@@ -150,6 +150,32 @@ def test_warmup_cosine_schedule_shape() -> None:
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
+@pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
+def test_warmup_stable_decay_schedule_shape(shape: str) -> None:
+    schedule = WarmupStableDecay(warmup_steps=4, total_steps=20, min_ratio=0.1, decay_steps=5, shape=shape)
+    assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert [schedule(s) for s in range(4, 15)] == [1.0] * 11 and schedule.decay_start == 15
+    decay = [schedule(s) for s in range(15, 20)]
+    assert all(1.0 > a > b for a, b in zip(decay, decay[1:], strict=False))
+    assert schedule(19) == pytest.approx(0.1) and schedule(100) == pytest.approx(0.1)
+    midway = {"linear": 0.1 + 0.9 * 0.6, "cosine": 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.4)),
+              "1-sqrt": 0.1 + 0.9 * (1 - math.sqrt(0.4))}[shape]
+    assert schedule(16) == pytest.approx(midway)
+
+
+def test_wsd_steps_before_the_decay_do_not_depend_on_the_horizon() -> None:
+    """What makes a wsd run extendable, and a cosine run not."""
+    wsd = OptimConfig(schedule="wsd", decay_fraction=0.25, warmup_fraction=0.1)
+    short, long = lr_schedule(wsd, 40), lr_schedule(wsd, 44)  # the same 4 warmup steps
+    assert stable_checkpoint_step(wsd, 40) == 30 and stable_checkpoint_step(wsd, 44) == 33
+    assert [short(s) for s in range(30)] == [long(s) for s in range(30)]
+    long.extend(400, 100)  # an extension keeps the warmup it started with
+    assert [short(s) for s in range(30)] == [long(s) for s in range(30)] and long.decay_start == 300
+    cosine = OptimConfig(warmup_fraction=0.1)
+    assert lr_schedule(cosine, 40)(20) != lr_schedule(cosine, 44)(20)
+    assert stable_checkpoint_step(cosine, 40) is None
+
+
 def test_no_weight_decay_on_biases_and_layernorms(corpus: PreparedCorpus) -> None:
     pt = make(corpus)
     decay, no_decay = pt.optimizer.param_groups
@@ -184,6 +210,35 @@ def test_state_round_trip_continues_bit_identically(corpus: PreparedCorpus) -> N
     for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
         assert torch.equal(pa, pb), name
     assert a.evaluate() == b.evaluate()
+
+
+def test_a_wsd_state_from_before_the_decay_continues_under_a_longer_horizon(corpus: PreparedCorpus) -> None:
+    """Extending a run: a 10-step wsd run's state at its decay start (step 8), loaded into a 14-step (the same one-step warmup)
+    run, continues exactly as a 14-step (the same one-step warmup) run trained from the start; a state from inside the decay,
+    or of a cosine run, is refused."""
+    wsd = OptimConfig(lr=3e-3, warmup_fraction=0.1, schedule="wsd", decay_fraction=0.2)
+    weights = ([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [1, 1, 1], [0.0, 1.0, 0.0]] * 4)[:14]
+    short = make(corpus, total_steps=10, optim=wsd)
+    for w in weights[:8]:
+        short.train_step(w)
+    at_decay = copy.deepcopy(short.state_dict())  # state_dict holds references to the live tensors
+    short.train_step(weights[8])
+    inside_decay = short.state_dict()
+
+    direct = make(corpus, total_steps=14, optim=wsd)
+    expected = [direct.train_step(w) for w in weights]
+    extended = make(corpus, total_steps=14, optim=wsd)
+    extended.load_state_dict(copy.deepcopy(at_decay))
+    got = [extended.train_step(w) for w in weights[8:]]
+    for sa, sb in zip(expected[8:], got, strict=True):
+        assert (sa.step, sa.loss, sa.lr, sa.grad_norm) == (sb.step, sb.loss, sb.lr, sb.grad_norm)
+    assert [s.lr for s in got][-1] == pytest.approx(3e-3 * 0.1)
+    with pytest.raises(ValueError, match=r"total_steps: saved 10, now 14"):
+        make(corpus, total_steps=14, optim=wsd).load_state_dict(inside_decay)
+    cosine = make(corpus, total_steps=10)
+    cosine.train_step(weights[0])
+    with pytest.raises(ValueError, match=r"total_steps: saved 10, now 14"):
+        make(corpus, total_steps=14, optim=wsd).load_state_dict(cosine.state_dict())
 
 
 def test_load_state_rejects_a_state_of_another_run(corpus: PreparedCorpus, tmp_path) -> None:
