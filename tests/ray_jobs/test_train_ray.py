@@ -186,3 +186,23 @@ def test_more_workers_than_cpus_fails_fast_naming_the_shortfall(ray_session, pre
         run_train(cfg)
     assert time.monotonic() - start < 30
     assert not (tmp_path / "t" / "ledger.parquet").exists()
+
+
+def test_extending_a_wsd_run_under_ray_train(ray_session, prepared: Path, tmp_path: Path) -> None:
+    """``--resume`` with a larger ``train.total_steps`` on the Ray Train path: Ray's record of the shorter run's
+    checkpoints moves aside with them, so the worker group starts from the decay-start checkpoint."""
+    from ray_jobs.train import run_train
+
+    over = {**AC_ODM, "optim.schedule": "wsd", "optim.decay_fraction": 0.25, "checkpoint.keep_last": 1,
+            "ray.num_workers": 1}
+    run_train(ExperimentConfig.from_dict(ray_experiment(prepared, tmp_path, **over, **{"train.total_steps": 8})))
+    run_dir = tmp_path / "t"
+    assert (run_dir / "stable" / "step_00000006").is_dir()
+    longer = ExperimentConfig.from_dict(ray_experiment(prepared, tmp_path, **over, **{"train.total_steps": 12}))
+    run_train(longer, resume=run_dir)
+    ledger = pd.read_parquet(run_dir / "ledger.parquet")
+    assert list(ledger["step"]) == list(range(13))
+    assert "resumed at step 6" in (run_dir / "run.log").read_text()
+    assert (run_dir / "previous" / "steps_8" / "checkpoint_manager_snapshot.json").exists()
+    assert (run_dir / "previous" / "steps_8" / "checkpoints" / "step_00000008").is_dir()
+    assert ledger["lr"].iloc[7:10].tolist() == [ledger["lr"].iloc[1]] * 3  # the peak LR until the new decay
