@@ -512,6 +512,14 @@ class Pretrainer:
         return validation_metrics(self.domain_names, loss_sum_K, tokens_K, self.target_mask_K)
 
     # ------------------------------------------------------------------------------ state
+    def flops_per_token(self) -> float:
+        """Model FLOPs per trained token, forward and backward: ``6 N + 12 L d T`` (N parameters, L layers,
+        width d, sequence length T; the PaLM paper's appendix B, as nanoGPT's MFU estimate). The basis of
+        the MFU metric; it counts the model's work, not the probe's or recomputation."""
+        config = self.model.config
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return float(6 * n_params + 12 * config.num_hidden_layers * config.hidden_size * self.seq_len)
+
     def _extendable(self, state: dict[str, Any]) -> bool:
         """Whether a state saved with another ``total_steps`` may continue under this one: both are
         warmup-stable-decay and the state is from before either decay began, so no step it took would

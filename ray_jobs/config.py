@@ -52,6 +52,10 @@ class TrackingConfig(StrictModel):
     system_metrics: bool = Field(
         True, description="Log MLflow system metrics (CPU, memory, disk, network; GPU when present) of rank 0's node."
     )
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Peak dense TFLOP/s of one accelerator at the training precision, for the "
+        "perf/mfu metric; null = known GPUs by name (A100, H100, H200, L4, L40S, A10G), none on CPU.",
+    )
 
 
 class CheckpointConfig(StrictModel):

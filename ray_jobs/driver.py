@@ -94,6 +94,9 @@ class RunLoop:
         self._domain_tokens = dict.fromkeys(self.domain_names, 0)
         self._skipped_total = 0
         self._train_tokens = domain_train_tokens(cfg.data.prepared_dir, self.domain_names)
+        self._flops: float | None = None
+        per_device = cfg.tracking.peak_tflops or known_peak_tflops()
+        self._peak_tflops = per_device * world_size if per_device else None  # tokens/s counts every rank
 
     @property
     def backend(self) -> Any:
@@ -203,10 +206,24 @@ class RunLoop:
             if key.startswith("val/"):
                 out[key] = value
         out.update(agent_metrics)
-        step_s = row.get("time/step_s", float("nan"))
-        out["perf/step_s"] = step_s
-        out["perf/tokens_per_s"] = (row["tokens"] - self._prev_tokens) / max(step_s, 1e-9) if step_s else 0.0
+        for key, seconds in row.items():  # per-phase timings: data, forward_backward, probe, optimizer, agent
+            if key.startswith("time/") and key.endswith("_s"):
+                out[f"perf/{key[5:]}"] = seconds
+        tokens_per_s = self._tok_s(row)
+        out["perf/tokens_per_s"] = tokens_per_s
+        if self._flops_per_token:
+            out["perf/model_tflops"] = tokens_per_s * self._flops_per_token / 1e12
+            if self._peak_tflops:
+                out["perf/mfu"] = out["perf/model_tflops"] / self._peak_tflops
         return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
+
+    @property
+    def _flops_per_token(self) -> float | None:
+        """The model's FLOPs per token (``Pretrainer.flops_per_token``), once; None without an LM."""
+        if self._flops is None:
+            pretrainer = getattr(self.backend, "pretrainer", None)
+            self._flops = pretrainer.flops_per_token() if pretrainer is not None else 0.0
+        return self._flops or None
 
     # ---------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
@@ -520,6 +537,19 @@ def finished_result(cfg: ExperimentConfig, run_dir: Path, ckpt_path: Path | None
         "logged to MLflow", run_dir, step, cfg.train.total_steps,
     )
     return {"run_dir": str(run_dir), "step": step, "eval": last_eval, "already_finished": True}
+
+
+# Peak dense bf16 TFLOP/s of one GPU (vendors' data sheets, without sparsity), matched on the CUDA name.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0}
+
+
+def known_peak_tflops() -> float | None:
+    """The peak of this process's GPU from ``PEAK_TFLOPS`` (None on CPU or an unlisted GPU: set
+    ``tracking.peak_tflops`` to get ``perf/mfu`` there). H100 PCIe's lower peak is not told apart."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
 def domain_train_tokens(prepared_dir: str | Path, names: list[str]) -> dict[str, int] | None:

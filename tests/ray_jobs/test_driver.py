@@ -250,7 +250,8 @@ def test_metrics_are_means_over_the_logging_interval(prepared: Path, tmp_path: P
 
     sink = InMemorySink()
     monkeypatch.setattr("ray_jobs.tracking.make_sink", lambda *a, **k: sink)
-    cfg = ExperimentConfig.from_dict(experiment(prepared, tmp_path, **{"train.total_steps": 6, "train.log_interval": 3}))
+    cfg = ExperimentConfig.from_dict(experiment(prepared, tmp_path, **{"train.total_steps": 6, "train.log_interval": 3,
+                                                                      "tracking.peak_tflops": 0.5}))
     run_local(cfg)
     ledger = read_ledger(tmp_path / "t").set_index("step")
     loss = sink.history("lm/loss")
@@ -264,3 +265,8 @@ def test_metrics_are_means_over_the_logging_interval(prepared: Path, tmp_path: P
     assert 0 < epochs < ledger["tokens/alpha"].sum()  # a fraction of a pass over alpha's training tokens
     assert sink.history("mix/entropy")[0][1] == pytest.approx(np.log(3))  # uniform over 3 domains
     assert {"lm/grad_norm", "lm/lr", "lm/skipped_steps", "perf/tokens_per_s"} <= set(sink.metrics)
+    # per-phase step timings, and the MFU estimate against the stated peak (none is known for a CPU)
+    assert {"perf/data_s", "perf/forward_backward_s", "perf/probe_s", "perf/optimizer_s", "perf/agent_s"} <= set(sink.metrics)
+    tflops, mfu = sink.history("perf/model_tflops"), sink.history("perf/mfu")
+    assert [s for s, _ in mfu] == [3, 4, 6] and all(v > 0 for _, v in tflops)
+    assert mfu[0][1] == pytest.approx(tflops[0][1] / 0.5)
