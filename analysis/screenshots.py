@@ -5,8 +5,9 @@
 What it does: a headless Chromium (``chromium``/``chromium-browser``/``google-chrome`` on PATH) renders the
 report's HTML file; then ``mlflow ui`` is started on 127.0.0.1 at a free port against the run's tracking
 store (the URI in ``<run_dir>/mlflow_run.json``), the browser renders the run's overview page and its
-model-metrics tab, and the server is stopped. The MLflow UI is a JavaScript app: the browser is given a
-virtual-time budget to finish rendering before the shot. Nothing here imports Ray.
+model-metrics tab (filtered to the validation metrics), and the server is stopped. The report is a static
+page, shot with a virtual-time budget; the MLflow UI is a JavaScript app whose charts only finish in real
+time, so it is driven over Chromium's DevTools protocol. Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -57,6 +58,86 @@ def screenshot(url: str, out: Path, *, width: int = 1400, height: int = 1800, bu
     return out
 
 
+# Run in the MLflow page before its shot: close the assistant side panel if it is open, and filter the
+# model-metrics charts to the validation metrics (val/mean_ppl first), the headline of a pretraining run.
+CLOSE_ASSISTANT = """(() => { const title = [...document.querySelectorAll('span, div, h1, h2, h3, h4')].find(
+    e => e.childElementCount === 0 && e.textContent.trim() === 'MLflow Assistant');
+  for (let n = title; n; n = n.parentElement) { const b = n.querySelectorAll('button');
+    if (b.length >= 3) { b[b.length - 1].click(); return true; } }
+  return false; })()"""
+FILTER_CHARTS = """(() => { const i = document.querySelector('input[placeholder="Search metric charts"]');
+  if (!i) return false;
+  Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(i, '%s');
+  i.dispatchEvent(new Event('input', {bubbles: true})); return true; })()"""
+
+
+def live_screenshot(url: str, out: Path, *, width: int = 1400, height: int = 1600, settle_s: float = 15.0,
+                    scripts: tuple[str, ...] = ()) -> Path:
+    """Render ``url`` in headless Chromium driven over the DevTools protocol, in real time: ``settle_s``
+    seconds for the page's requests and charts, then each of ``scripts`` (with ``settle_s / 2`` after
+    each), then the shot. MLflow's metric charts never finish under ``--virtual-time-budget``, which
+    ``screenshot`` uses. Uses aiohttp (installed with Ray) for the websocket.
+    """
+    import asyncio
+    import base64
+
+    import aiohttp
+
+    async def shoot(port: int) -> bytes:
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    async with http.put(f"http://127.0.0.1:{port}/json/new") as resp:
+                        target = await resp.json(content_type=None)
+                    break
+                except aiohttp.ClientError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+            async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                ids = iter(range(1, 1000))
+
+                async def call(method: str, **params: object) -> dict:
+                    msg_id = next(ids)
+                    await ws.send_json({"id": msg_id, "method": method, "params": params})
+                    async for msg in ws:
+                        data = msg.json()
+                        if data.get("id") == msg_id:
+                            return data.get("result", {})
+                    raise RuntimeError(f"the browser closed the DevTools connection during {method}")
+
+                await call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                           mobile=False)
+                await call("Page.navigate", url=url)  # not in /json/new's query: the '#' route would be cut
+                await asyncio.sleep(settle_s)
+                for script in scripts:
+                    await call("Runtime.evaluate", expression=script)
+                    await asyncio.sleep(settle_s / 2)
+                shot = await call("Page.captureScreenshot", format="png")
+                return base64.b64decode(shot["data"])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    browser = subprocess.Popen([find_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                                f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
+                                f"--window-size={width},{height}", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        png = asyncio.run(shoot(port))
+    finally:
+        browser.terminate()
+        try:
+            browser.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            browser.kill()
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(png)
+    tmp.replace(out)
+    log.info("screenshot %s -> %s", url, out)
+    return out
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
@@ -103,8 +184,9 @@ def mlflow_pages(run_dir: Path, out_dir: Path, *, startup_s: float = 120.0) -> l
             time.sleep(0.5)
         page = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
         view = f"?workflowType={ML_WORKFLOW}"
-        return [screenshot(page + view, out_dir / "mlflow_run.png", height=1400),
-                screenshot(page + "/model-metrics" + view, out_dir / "mlflow_run_metrics.png", height=1600)]
+        return [live_screenshot(page + view, out_dir / "mlflow_run.png", height=1400, scripts=(CLOSE_ASSISTANT,)),
+                live_screenshot(page + "/model-metrics" + view, out_dir / "mlflow_run_metrics.png", height=1400,
+                                scripts=(CLOSE_ASSISTANT, FILTER_CHARTS % "val/"))]
     finally:
         server.terminate()
         try:
