@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -218,6 +219,7 @@ def connect(
         yield resolve_address(cfg)
         return
     address = resolve_address(cfg)
+    no_color_when_redirected()
     with contextlib.ExitStack() as stack:
         if address is None:
             num_cpus = local_num_cpus()
@@ -240,6 +242,13 @@ def connect(
             yield address
         finally:
             ray.shutdown()
+
+
+def no_color_when_redirected() -> None:
+    """Ray prefixes the worker lines it forwards to the driver with ANSI colour codes even when the
+    driver's output is a file or a job log; ``RAY_COLOR_PREFIX=0`` (unless the user set it) drops them there."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def worker_resources(resources_per_worker: Mapping[str, float], use_gpu: bool) -> dict[str, float]:

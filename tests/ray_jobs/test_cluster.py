@@ -3,6 +3,8 @@ storage) and the runtime env a driver needs."""
 
 from __future__ import annotations
 
+import io
+import os
 import socket
 import time
 from pathlib import Path
@@ -218,3 +220,15 @@ def test_ray_options_from_resources() -> None:
     }
     with pytest.raises(ValueError, match=r"ray.agent_resources\['CPU'\] = -1"):
         ray_options({"CPU": -1})
+
+
+def test_ray_colour_codes_are_off_when_the_output_is_redirected(monkeypatch) -> None:
+    from ray_jobs.cluster import no_color_when_redirected
+
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    monkeypatch.setattr("sys.stdout", io.StringIO())  # a file, not a terminal
+    no_color_when_redirected()
+    assert os.environ["RAY_COLOR_PREFIX"] == "0"
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")  # the user's choice wins
+    no_color_when_redirected()
+    assert os.environ["RAY_COLOR_PREFIX"] == "1"
