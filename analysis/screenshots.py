@@ -58,12 +58,11 @@ def screenshot(url: str, out: Path, *, width: int = 1400, height: int = 1800, bu
     return out
 
 
-# Run in the MLflow page before its shot: close the assistant side panel if it is open, and filter the
-# model-metrics charts to the validation metrics (val/mean_ppl first), the headline of a pretraining run.
-CLOSE_ASSISTANT = """(() => { const title = [...document.querySelectorAll('span, div, h1, h2, h3, h4')].find(
-    e => e.childElementCount === 0 && e.textContent.trim() === 'MLflow Assistant');
-  for (let n = title; n; n = n.parentElement) { const b = n.querySelectorAll('button');
-    if (b.length >= 3) { b[b.length - 1].click(); return true; } }
+# Run in the MLflow page before its shot: close the assistant side panel (MLflow 3 opens it on a first
+# visit, over the charts) with its own Close button, the one next to its "New Chat" button; and filter
+# the model-metrics charts to the validation metrics (val/mean_ppl first), the headline of a run.
+CLOSE_ASSISTANT = """(() => { for (let n = document.querySelector('button[aria-label="New Chat"]'); n; n = n.parentElement) {
+    const close = n.querySelector('button[aria-label="Close"]'); if (close) { close.click(); return true; } }
   return false; })()"""
 FILTER_CHARTS = """(() => { const i = document.querySelector('input[placeholder="Search metric charts"]');
   if (!i) return false;
@@ -75,8 +74,9 @@ def live_screenshot(url: str, out: Path, *, width: int = 1400, height: int = 160
                     scripts: tuple[str, ...] = ()) -> Path:
     """Render ``url`` in headless Chromium driven over the DevTools protocol, in real time: ``settle_s``
     seconds for the page's requests and charts, then each of ``scripts`` (with ``settle_s / 2`` after
-    each), then the shot. MLflow's metric charts never finish under ``--virtual-time-budget``, which
-    ``screenshot`` uses. Uses aiohttp (installed with Ray) for the websocket.
+    each), then the shot. A script that returns ``false`` (it found nothing to act on) is logged as a
+    warning. MLflow's metric charts never finish under ``--virtual-time-budget``, which ``screenshot``
+    uses. Uses aiohttp (installed with Ray) for the websocket.
     """
     import asyncio
     import base64
@@ -112,7 +112,9 @@ def live_screenshot(url: str, out: Path, *, width: int = 1400, height: int = 160
                 await call("Page.navigate", url=url)  # not in /json/new's query: the '#' route would be cut
                 await asyncio.sleep(settle_s)
                 for script in scripts:
-                    await call("Runtime.evaluate", expression=script)
+                    done = await call("Runtime.evaluate", expression=script, returnByValue=True)
+                    if done.get("result", {}).get("value") is False:
+                        log.warning("%s: the page script found nothing to act on: %s", url, script[:80])
                     await asyncio.sleep(settle_s / 2)
                 shot = await call("Page.captureScreenshot", format="png")
                 return base64.b64decode(shot["data"])
