@@ -45,7 +45,7 @@ SUMMARY_FILE = "summary.md"  # the comparison table and the verdict alone, what 
 
 def build_report(
     run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *, target: float | None = None,
-    labels: Mapping[str, str] | None = None, title: str = "acodm run comparison",
+    labels: Mapping[str, str] | None = None, title: str = "acodm run comparison", announce: bool = True,
 ) -> Path:
     """Load run directories and write the report (``acodm report RUN_DIR... --out DIR [--target X]``).
 
@@ -55,6 +55,7 @@ def build_report(
         target: ``val/mean_ppl`` target for steps-to-target; default: uniform's (see ``analysis.metrics``).
         labels: optional method label per run directory (as given), overriding tags and derived labels.
         title: the report's heading.
+        announce: log where the report was written (off for a report written to a temporary directory).
 
     Returns:
         The path of ``report.html``.
@@ -69,7 +70,7 @@ def build_report(
     require_absent_or_dir(out_dir, "report --out")  # before any run is read or any file written
     labels = {str(Path(k)): v for k, v in (labels or {}).items()}
     runs = [load_run(d, method=labels.get(str(Path(d)))) for d in run_dirs]
-    return write_report(runs, out_dir, target=target, title=title)
+    return write_report(runs, out_dir, target=target, title=title, announce=announce)
 
 
 def build_mlflow_report(
@@ -84,9 +85,10 @@ def build_mlflow_report(
 
 def write_report(
     runs: Sequence[Run], out_dir: str | os.PathLike[str], *, target: float | None = None,
-    title: str = "acodm run comparison",
+    title: str = "acodm run comparison", announce: bool = True,
 ) -> Path:
-    """Compare ``runs``, render the plots and write ``report.md`` and ``report.html``; returns the HTML path.
+    """Compare ``runs``, render the plots and write ``report.md`` and ``report.html``; returns the HTML path
+    (logged unless ``announce`` is false).
 
     Raises:
         FileExistsError / NotADirectoryError: ``out_dir`` (or a parent) is an existing file; nothing is written.
@@ -105,7 +107,8 @@ def write_report(
     _write_text(out / "report.md", render_markdown(title, intro, sections, plots, out))
     _write_text(out / SUMMARY_FILE, _md_table(sections["comparison"]) + "\n\n" + sections["verdict"] + "\n")
     html_path = _write_text(out / "report.html", render_html(title, intro, sections, plots))
-    log.info("report written: %s (and report.md, %d plots)", html_path, len(plots))
+    if announce:
+        log.info("report written: %s (and report.md, %d plots)", html_path, len(plots))
     return html_path
 
 

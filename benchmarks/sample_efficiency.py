@@ -47,6 +47,8 @@ Usage::
     nohup .venv/bin/python benchmarks/sample_efficiency.py --ablation > runs/bench/se.log 2>&1 &
     .venv/bin/python benchmarks/sample_efficiency.py --scenario two-targets
     .venv/bin/python benchmarks/sample_efficiency.py --methods uniform ac_odm --seeds 3 --steps 240
+    .venv/bin/python benchmarks/sample_efficiency.py --methods uniform ac_odm --set optim.schedule=wsd \
+        --out runs/bench/wsd
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ from common import (
     utc_now,
 )
 
-from ray_jobs.config import ExperimentConfig, load_yaml, set_dotted
+from ray_jobs.config import ExperimentConfig, apply_overrides, load_yaml, set_dotted
 
 log = logging.getLogger("sample_efficiency")
 
@@ -902,6 +904,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base config (default %(default)s)")
     p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted field of the base config for every run, as `acodm train --set` "
+        "(e.g. --set optim.schedule=wsd; repeatable)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -952,7 +962,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_plan(args: argparse.Namespace) -> Plan:
     """The base config (scenario, --quick/--steps/--threads applied), methods, seeds and directories."""
-    base = load_yaml(args.config)
+    base = apply_overrides(load_yaml(args.config), args.set)
     apply_scenario(base, args.scenario)
     edits: dict[str, Any] = dict(QUICK) if args.quick else {}
     if args.steps is not None:

@@ -48,6 +48,11 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return _step_dirs(Path(run_dir) / CKPT_DIR)
 
 
+def step_dir_name(step: int) -> str:
+    """A checkpoint's directory name, ``step_00000050``: sorts by step, and is Ray Train's name for it too."""
+    return f"step_{step:08d}"
+
+
 def _step_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
@@ -95,8 +100,8 @@ def write_checkpoint(
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f"step_{step:08d}.tmp"
+    final = root / step_dir_name(step)
+    tmp = root / f"{step_dir_name(step)}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()

@@ -225,6 +225,7 @@ def connect(
             num_cpus = local_num_cpus()
             log.info("starting a local Ray with %d CPUs on 127.0.0.1 (loopback only)", num_cpus)
             stack.enter_context(loopback_only())
+            stack.enter_context(quiet_logger(RAY_AUTH_NOTICE_LOGGER))
             ray.init(
                 address="local",  # a new Ray of our own, never someone else's already running here
                 num_cpus=num_cpus,
@@ -233,15 +234,35 @@ def connect(
                 _system_config=local_system_config() or None,
                 runtime_env=job_runtime_env(None),
                 configure_logging=False,
+                log_to_driver=cfg.ray.log_to_driver,
             )
         else:
             check_reachable(address, timeout_s)
             log.info("connecting to the Ray cluster at %s", address)
-            ray.init(address=address, runtime_env=job_runtime_env(address), configure_logging=False)
+            ray.init(address=address, runtime_env=job_runtime_env(address), configure_logging=False,
+                     log_to_driver=cfg.ray.log_to_driver)
         try:
             yield address
         finally:
             ray.shutdown()
+
+
+# Ray 2.60 tells every new local cluster, at WARNING, that it enabled token authentication (and how to opt
+# out). Ours listens on loopback only and is gone when the run ends: the notice is start-up chatter there.
+RAY_AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """For the block, drop the records of logger ``name`` below ``level`` (an internal Ray module's logger:
+    if it moves in another Ray version, its lines simply come back)."""
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 def no_color_when_redirected() -> None:

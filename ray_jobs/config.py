@@ -37,6 +37,11 @@ class RayConfig(StrictModel):
     agent_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 0.0})
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts (-1 = unlimited).")
     storage_path: str | None = Field(None, description="Ray Train storage; null = the run's output_dir.")
+    log_to_driver: bool = Field(
+        False, description="true = Ray forwards every worker's and actor's output to the driver (Ray's default; "
+        "for debugging). false = the driver shows rank 0's progress line and log records, and every rank's "
+        "warnings; the full output stays in <run_dir>/run.log (rank 0) and Ray's session logs.",
+    )
 
 
 class TrackingConfig(StrictModel):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,11 +34,11 @@ from ray_jobs.checkpoints import (
 )
 from ray_jobs.config import ExperimentConfig
 from ray_jobs.ledger import LEDGER_FILE, Ledger, signals_row
+from ray_jobs.progress import PACKAGE_LOGGERS, ProgressLine, si
 from ray_jobs.rundir import owns_run_dir
 
 log = logging.getLogger(__name__)
 
-PACKAGE_LOGGERS = ("envs", "agents", "ray_jobs", "analysis")
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -54,6 +53,8 @@ class LoopHooks:
 
     on_report: Callable[[int, dict[str, float], Path | None], None] | None = None
     checkpoint_root: Path | None = None  # None: <run_dir>/checkpoints with keep_last pruning
+    # rank 0's progress line, made from (total, initial step, log interval): None = a ProgressLine here
+    progress: Callable[[int, int, int], Any] | None = None
 
 
 class RunLoop:
@@ -150,7 +151,10 @@ class RunLoop:
             keep_last=self.cfg.checkpoint.keep_last if self.hooks.checkpoint_root is None else 0,
             ledger=self.ledger,
         )
-        log.info("checkpoint step %d -> %s", self.step, path)
+        if self.hooks.checkpoint_root is None:
+            log.info("checkpoint step %d -> %s", self.step, path)
+        else:  # staged for Ray Train, which persists it (on_report says where)
+            log.debug("checkpoint step %d staged in %s", self.step, path)
         return path
 
     # ---------------------------------------------------------------- helpers
@@ -234,7 +238,8 @@ class RunLoop:
             self.obs, _ = self.env.reset(seed=cfg.seed)
         start = time.perf_counter() - self.wall_offset
         last_eval: dict[str, float] = self._evaluate_initial(start) if self.step == 0 else {}
-        bar = ProgressLine(total, self.step, cfg.train.log_interval) if self.rank == 0 else None
+        progress = self.hooks.progress or ProgressLine
+        bar = progress(total, self.step, cfg.train.log_interval) if self.rank == 0 else None
         while self.step < total:
             t0 = time.perf_counter()
             weights_K = self.mixer.act(self.obs, explore=True) if self.rank == 0 else None
@@ -305,7 +310,7 @@ class RunLoop:
         if bar is not None:
             weights = {name: row[f"weight/{name}"] for name in self.domain_names}
             top = max(weights, key=weights.__getitem__)
-            postfix = (f"loss {row['loss']:.3f} | {_si(self._tok_s(row))} tok/s | reward {row['reward']:+.3f} | "
+            postfix = (f"loss {row['loss']:.3f} | {si(self._tok_s(row))} tok/s | reward {row['reward']:+.3f} | "
                        f"top {top} {weights[top]:.2f}")
             if "val/mean_ppl" in row:
                 postfix += f" | val/mean_ppl {row['val/mean_ppl']:.3f}"
@@ -318,67 +323,6 @@ class RunLoop:
     def _tok_s(self, row: dict[str, Any]) -> float:
         step_s = row.get("time/step_s") or float("nan")
         return (row["tokens"] - self._prev_tokens) / step_s if step_s and step_s > 0 else float("nan")
-
-
-PROGRESS_FORMAT = "{desc} {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}]{postfix}"
-
-
-class ProgressLine:
-    """Rank 0's progress: ``train 120/200 (60%) [01:02<00:41], loss 4.1 | 15.2k tok/s | ... | top code 0.31``.
-
-    One look everywhere, from tqdm's formatter (elapsed, ETA): on a terminal it is one live tqdm line on
-    stderr, redrawn at most twice a second; where stderr is not a terminal (a Ray Train worker, whose
-    output Ray forwards to the driver prefixed by the worker's name; a redirected run) the same text is a
-    plain INFO log record every ``train.log_interval`` steps and at every evaluation, so no carriage
-    returns or ANSI codes reach ``run.log`` or Ray's logs. Evaluation steps are logged in both cases, so
-    ``run.log`` always holds them.
-    """
-
-    def __init__(self, total: int, initial: int, interval: int) -> None:
-        """Start the clock at step ``initial`` (a resumed run's ETA uses only this session's rate)."""
-        from tqdm import tqdm
-
-        self.total, self.initial, self.interval = total, initial, max(1, interval)
-        self.start = time.perf_counter()
-        self._tqdm = tqdm
-        self.bar = (
-            tqdm(total=total, initial=initial, desc="train", bar_format=PROGRESS_FORMAT, dynamic_ncols=True,
-                 mininterval=0.5)
-            if sys.stderr.isatty() else None
-        )
-
-    def text(self, step: int, postfix: str) -> str:
-        """The line for ``step`` (without drawing it)."""
-        elapsed = time.perf_counter() - self.start
-        return self._tqdm.format_meter(step, self.total, elapsed, prefix="train", bar_format=PROGRESS_FORMAT,
-                                       postfix=postfix, initial=self.initial)
-
-    def update(self, step: int, postfix: str, *, force: bool = False) -> None:
-        """Move to ``step``; ``force`` logs the line whatever the interval (evaluation steps)."""
-        if self.bar is not None:
-            self.bar.set_postfix_str(postfix, refresh=False)
-            self.bar.update(step - self.bar.n)
-            if force:
-                self.bar.clear()
-                log.info("%s", self.text(step, postfix))
-                self.bar.refresh()
-        elif force or step % self.interval == 0 or step >= self.total:
-            log.info("%s", self.text(step, postfix))
-
-    def close(self) -> None:
-        """End the live line (a terminal gets its final state)."""
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _si(x: float) -> str:
-    """``15234.0`` -> ``15.2k`` (NaN stays ``nan``)."""
-    if not math.isfinite(x):
-        return "nan"
-    for unit, scale in (("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.1f}{unit}"
-    return f"{x:.0f}"
 
 
 # --------------------------------------------------------------------------------------------- builders
@@ -599,7 +543,9 @@ def attach_report(run_dir: Path, sink: Any) -> None:
         from analysis.report import build_report
 
         with tempfile.TemporaryDirectory(prefix="acodm-report-") as tmp:
-            html_path = build_report([run_dir], Path(tmp) / "report", title=f"acodm run {Path(run_dir).name}")
+            html_path = build_report([run_dir], Path(tmp) / "report", title=f"acodm run {Path(run_dir).name}",
+                                     announce=False)
             sink.log_artifact(html_path.parent, "report")
+        log.info("report attached to MLflow run %s (artifacts report/)", sink.run_id)
     except Exception as exc:  # plotting or I/O; never fail a finished run over its report
         log.warning("could not attach the report of %s to MLflow run %s: %s", run_dir, sink.run_id, exc)

@@ -26,7 +26,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.checkpoints import is_checkpoint_step, load_checkpoint, load_latest_checkpoint, prepare_run_dir
+from ray_jobs.checkpoints import (
+    CKPT_DIR,
+    is_checkpoint_step,
+    load_checkpoint,
+    load_latest_checkpoint,
+    prepare_run_dir,
+    step_dir_name,
+)
 from ray_jobs.config import ExperimentConfig, absolute_paths
 from ray_jobs.driver import (
     LoopHooks,
@@ -41,6 +48,7 @@ from ray_jobs.driver import (
     resolve_policy,
     warn_about_reward_coverage,
 )
+from ray_jobs.progress import RelayedProgress, relay_logs, relay_to_driver
 from ray_jobs.rundir import owns_run_dir
 
 log = logging.getLogger(__name__)
@@ -78,11 +86,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the typed config first, then the shared run loop."""
     cfg = ExperimentConfig.from_dict(config["experiment"], source="train_loop_config")
     _quiet_report_echo()
-    import ray
     import ray.train
     import torch
-
-    from ray_jobs.tracking import make_sink
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -90,6 +95,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(cfg.lm.num_threads)
     run_dir = Path(config["run_dir"])
     handler = add_file_log(run_dir) if rank == 0 else None
+    relay = config.get("progress_relay")  # None: Ray forwards this worker's output (ray.log_to_driver)
+    try:
+        with relay_logs(relay, rank):
+            _train_worker(cfg, config, run_dir, rank, world, relay)
+    finally:
+        if handler is not None:
+            remove_file_log(handler)
+
+
+def _train_worker(cfg: ExperimentConfig, config: dict[str, Any], run_dir: Path, rank: int, world: int,
+                  relay: Any) -> None:
+    """The body of ``train_loop_per_worker`` once its logging goes to ``run.log`` and the relay."""
+    import torch
+
+    from ray_jobs.tracking import make_sink
+
     # What can set this worker's step time apart from the in-process run's: Ray starts workers at
     # niceness 15 unless told otherwise (cluster.local_system_config), sets OMP_NUM_THREADS from the
     # worker's CPUs, and runs this function in a thread of its own (a separate malloc arena).
@@ -109,8 +130,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             mixer = _make_mixer(cfg, env, run_dir)
             sink = make_sink(cfg, 0, run_dir=run_dir, parent_run_id=config.get("parent_run_id"),
                              tags=config.get("tags"))
+        progress = (lambda total, initial, interval: RelayedProgress(relay, total, initial, interval)) \
+            if relay is not None else None
         loop = RunLoop(cfg, env, mixer, run_dir, sink=sink, rank=rank, world_size=world,
-                       hooks=LoopHooks(on_report=_reporter(cfg), checkpoint_root=tmp_root))
+                       hooks=LoopHooks(on_report=_reporter(cfg, run_dir), checkpoint_root=tmp_root, progress=progress))
         state = _restart_state(run_dir, rank)
         if state is not None:
             loop.restore(state)
@@ -126,8 +149,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         env.close()
         if tmp_root is not None:
             shutil.rmtree(tmp_root, ignore_errors=True)
-        if handler is not None:
-            remove_file_log(handler)
 
 
 def _restart_state(run_dir: Path, rank: int) -> dict[str, Any] | None:
@@ -171,7 +192,7 @@ def _make_mixer(cfg: ExperimentConfig, env: Any, run_dir: Path) -> Any:
     return ActingMixer(spec)
 
 
-def _reporter(cfg: ExperimentConfig) -> Any:
+def _reporter(cfg: ExperimentConfig, run_dir: Path) -> Any:
     """``on_report`` hook: one collective ``ray.train.report`` per eval/checkpoint step."""
     import ray.train
     from ray.train import Checkpoint
@@ -181,10 +202,11 @@ def _reporter(cfg: ExperimentConfig) -> Any:
         ray.train.report(
             metrics,
             checkpoint=Checkpoint.from_directory(str(path)) if path is not None else None,
-            checkpoint_dir_name=f"step_{step:08d}" if checkpointing else None,
+            checkpoint_dir_name=step_dir_name(step) if checkpointing else None,
         )
         if path is not None:
             shutil.rmtree(path, ignore_errors=True)
+            log.info("checkpoint step %d -> %s", step, run_dir / CKPT_DIR / step_dir_name(step))
 
     return on_report
 
@@ -198,8 +220,13 @@ def build_trainer(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     callbacks: list[Any] | None = None,
+    progress_relay: Any | None = None,
 ) -> Any:
-    """A ``TorchTrainer`` for this experiment; its storage is ``<run_dir>/checkpoints``."""
+    """A ``TorchTrainer`` for this experiment; its storage is ``<run_dir>/checkpoints``.
+
+    ``progress_relay`` (from ``ray_jobs.progress.relay_to_driver``): where rank 0 sends its progress and
+    log records for the driver to show; None = the workers log them, for Ray to forward.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -212,7 +239,7 @@ def build_trainer(
         if cfg.ray.num_workers > 0 else None,
     )
     run_config = RunConfig(
-        name="checkpoints",
+        name=CKPT_DIR,
         storage_path=str(Path(run_dir).resolve()),
         failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
@@ -224,6 +251,7 @@ def build_trainer(
         "resume_from": str(Path(resume_from).resolve()) if resume_from else None,
         "parent_run_id": parent_run_id,
         "tags": tags,
+        "progress_relay": progress_relay,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -277,8 +305,10 @@ def run_train(
     with connect(cfg, include_dashboard=True) as address:
         check_resources(cfg.ray.num_workers, cfg.ray.resources_per_worker, cfg.ray.use_gpu, cfg.ray.agent_resources)
         uri = prepare_tracking(cfg)[0] if cfg.tracking.enabled else None
-        trainer = build_trainer(cfg, run_dir, resume_from=ckpt, parent_run_id=parent_run_id, tags=tags)
-        with env_defaults(LOCAL_TRAIN_ENV if address is None else {}):
+        relayed = relay_to_driver() if not cfg.ray.log_to_driver else contextlib.nullcontext()
+        with relayed as relay, env_defaults(LOCAL_TRAIN_ENV if address is None else {}):
+            trainer = build_trainer(cfg, run_dir, resume_from=ckpt, parent_run_id=parent_run_id, tags=tags,
+                                    progress_relay=relay)
             result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error

@@ -31,6 +31,7 @@ import ray
 import ray.train
 from ray import tune
 
+from ray_jobs.checkpoints import CKPT_DIR, step_dir_name
 from ray_jobs.config import save_config
 from ray_jobs.tune_space import plain, trial_config
 
@@ -110,7 +111,7 @@ class TuneForwarder(ray.train.UserCallback):
         if checkpoint is not None:
             step = int(metrics[0].get("step", 0))
             origin = {"trial_id": self.trial_id, "step": step, "source": checkpoint.path}
-            staged = str(stage_checkpoint(checkpoint, Path(self.staging_dir) / f"step_{step:08d}", origin))
+            staged = str(stage_checkpoint(checkpoint, Path(self.staging_dir) / step_dir_name(step), origin))
         controller = ray.get_runtime_context().current_actor
         self.queue.put({"metrics": dict(metrics[0]), "checkpoint": staged, "controller": controller})
 
@@ -151,15 +152,13 @@ def place_checkpoint(local: Path, run_dir: Path, trial_id: str, params: Mapping[
     in the run's storage). Whatever Ray Train kept there is superseded: after a PBT clone it is another
     model's past, after a pause or ``--resume`` it is at most what Tune has.
     """
-    from ray_jobs.checkpoints import CKPT_DIR
-
     if not (local / "loop.json").exists():
         return None
     origin_file = local / ORIGIN_FILE
     origin = json.loads(origin_file.read_text()) if origin_file.exists() else {"trial_id": trial_id}
     step = int(json.loads((local / "loop.json").read_text())["step"])
     shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
-    placed = copy_checkpoint(local, run_dir / CKPT_DIR / f"step_{step:08d}")
+    placed = copy_checkpoint(local, run_dir / CKPT_DIR / step_dir_name(step))
     if origin["trial_id"] != trial_id:
         events.write("clone", from_trial=origin["trial_id"], step=step, params=dict(params))
         log.info("PBT: trial %s continues from trial %s's checkpoint at step %d with %s",

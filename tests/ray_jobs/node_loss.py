@@ -37,7 +37,7 @@ from tests.envs.lm_fixtures import make_synthetic_corpus
 
 TOTAL_STEPS = 40
 KILL_AFTER_STEP = 10  # a checkpoint at 8 is persisted by then; steps 9-10 are redone after the restart
-STEP_LINE = re.compile(r"train (\d+)/\d+ \(")  # the progress line (ray_jobs.driver.ProgressLine)
+STEP_LINE = re.compile(r"train (\d+)/\d+ \(")  # the progress line (ray_jobs.progress.ProgressLine)
 
 
 def experiment(prepared: Path, out: Path) -> ExperimentConfig:

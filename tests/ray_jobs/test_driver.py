@@ -52,7 +52,7 @@ def test_static_run_writes_ledger_config_and_checkpoints(prepared: Path, tmp_pat
     run_log = (run_dir / "run.log").read_text()
     assert run_log.count("checkpoint step") == 3
     # the progress line (stderr is not a terminal under pytest): plain records every log_interval (2) steps
-    progress = [ln.split("ray_jobs.driver: ", 1)[1] for ln in run_log.splitlines() if "driver: train " in ln]
+    progress = [ln.split("ray_jobs.progress: ", 1)[1] for ln in run_log.splitlines() if "progress: train " in ln]
     assert [p.split()[1] for p in progress] == [f"{s}/12" for s in (2, 4, 6, 8, 10, 12)]
     assert re.fullmatch(r"train 12/12 \(100%\) \[\d\d:\d\d<00:00\], loss \d\.\d{3} \| [\d.]+k? tok/s \| "
                         r"reward [+-]\d\.\d{3} \| top alpha 0\.33 \| val/mean_ppl [\d.]+", progress[-1]), progress[-1]

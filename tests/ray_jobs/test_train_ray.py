@@ -34,13 +34,21 @@ def ray_experiment(prepared: Path, out: Path, **over: object) -> dict:
     return experiment(prepared, out, **{**base, **over})
 
 
-def test_two_workers_with_agent_actor_log_to_sqlite_mlflow(ray_session, prepared: Path, tmp_path: Path) -> None:
+def test_two_workers_with_agent_actor_log_to_sqlite_mlflow(ray_session, prepared: Path, tmp_path: Path,
+                                                           caplog) -> None:
     from mlflow.tracking import MlflowClient
 
     from ray_jobs.train import run_train
 
+    caplog.set_level("INFO")
     cfg = ExperimentConfig.from_dict(ray_experiment(prepared, tmp_path, **AC_ODM, **{"tracking.enabled": True}))
     summary = run_train(cfg)
+    # the driver shows rank 0's progress line and records, relayed (Ray forwards no worker output here)
+    shown = [r.getMessage() for r in caplog.records]
+    assert [m.split(" (")[0] for m in shown if m.startswith("train ")] == [f"train {s}/12" for s in range(2, 13, 2)]
+    assert "step 0/12 (untrained)" in "\n".join(shown)
+    assert f"checkpoint step 12 -> {tmp_path / 't' / 'checkpoints' / 'step_00000012'}" in shown
+    assert "train 12/12 (100%)" in (tmp_path / "t" / "run.log").read_text()  # and rank 0 still writes run.log
     ledger = pd.read_parquet(tmp_path / "t" / "ledger.parquet")
     assert list(ledger["step"]) == list(range(13))  # step 0: the untrained model's evaluation
     # two ranks: each step has 2 workers x 3 micro-batches, all-reduced into the global counts
