@@ -11,7 +11,7 @@ should see to a ``ProgressRelay`` actor instead: its progress (the driver draws 
 driver polls the relay from a thread while ``TorchTrainer.fit`` blocks. Everything rank 0 logs also
 goes to ``<run_dir>/run.log`` as before; every worker's full output stays in Ray's session logs.
 
-Imports Ray only inside the driver-side ``relay_to_driver``; the worker side only calls the handle.
+Imports Ray only inside functions that are given a relay: a run without one never touches Ray here.
 """
 
 from __future__ import annotations
@@ -193,6 +193,19 @@ def relay_logs(relay: Any | None, rank: int) -> Iterator[None]:
     finally:
         for name in PACKAGE_LOGGERS:
             logging.getLogger(name).removeHandler(handler)
+        _flush(relay)
+
+
+def _flush(relay: Any, timeout_s: float = 10.0) -> None:
+    """Wait until the relay has taken everything this process sent (a worker's calls run in the order it
+    made them, so an empty one returns after them): Ray Train ends the workers when the run ends, and
+    calls still in flight would be lost with them."""
+    import ray  # a worker of the relay's Ray (only reached with a relay)
+
+    try:
+        ray.get(relay.put.remote([]), timeout=timeout_s)
+    except Exception as exc:  # the driver went away: nobody to show the lines to
+        log.debug("progress relay not flushed: %s", exc)
 
 
 class _Pump:
@@ -236,14 +249,17 @@ class _Pump:
             self.bar.update(step, postfix, force=force)
         elif kind == "log":
             _, levelno, name, rank, text = item
-            record = logging.getLogger(name).makeRecord(
+            logger = logging.getLogger(name)
+            if not logger.isEnabledFor(levelno):  # e.g. `acodm --quiet`: the driver shows warnings only
+                return
+            record = logger.makeRecord(
                 name, levelno, f"(rank {rank})", 0, "%s", (text,), None, extra={RELAYED_RECORD: True}
             )
             if rank != 0:
                 record.msg, record.args = "rank %d: %s", (rank, text)
             if self.bar is not None:
                 self.bar.clear()
-            logging.getLogger(name).handle(record)
+            logger.handle(record)
             if self.bar is not None:
                 self.bar.refresh()
 

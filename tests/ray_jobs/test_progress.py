@@ -83,18 +83,24 @@ def test_relay_logs_sends_rank_0_info_and_other_ranks_warnings_but_not_the_progr
 
 
 @pytest.mark.ray
-def test_the_driver_shows_what_the_workers_relay_in_order(ray_session, caplog) -> None:
+def test_the_driver_shows_what_the_workers_relay_in_order(ray_session, caplog, request) -> None:
     caplog.set_level(logging.INFO)
+    # a logger at WARNING, as `acodm --quiet` makes every logger (not with caplog.set_level: that would
+    # raise the level of its capture handler too)
+    quiet = logging.getLogger("envs.quiet")
+    quiet.setLevel(logging.WARNING)
+    request.addfinalizer(lambda: quiet.setLevel(logging.NOTSET))
     with relay_to_driver(live=False) as relay:
         relay.put.remote([("start", 20, 0, 10), ("log", logging.INFO, "ray_jobs.driver", 0, "resumed at step 0")])
         for step in range(1, 21):
             relay.put.remote([("progress", step, f"loss {step}", step == 15)])
-        relay.put.remote([("log", logging.WARNING, "envs.env", 1, "a domain ran out")])
+        relay.put.remote([("log", logging.WARNING, "envs.env", 1, "a domain ran out"),
+                          ("log", logging.INFO, "envs.quiet", 0, "below the driver's level: not shown")])
         time.sleep(0.1)
     shown = [(r.name, r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith(("ray_jobs", "envs"))]
     assert shown[0] == ("ray_jobs.driver", logging.INFO, "resumed at step 0")
     assert [m.split(",")[0].split(" [")[0] for n, _, m in shown if n == "ray_jobs.progress"] == [
         "train 10/20 (50%)", "train 15/20 (75%)", "train 20/20 (100%)"]
-    assert shown[-1] == ("envs.env", logging.WARNING, "rank 1: a domain ran out")
-    # a re-emitted record is never relayed again, even where a relay handler listens in this process
+    assert shown[-1] == ("envs.env", logging.WARNING, "rank 1: a domain ran out")  # nothing from envs.quiet
+    # re-emitted records carry the mark that keeps a relay handler from sending them again
     assert all(getattr(r, "acodm_relayed", False) for r in caplog.records if r.name in ("ray_jobs.driver", "envs.env"))
