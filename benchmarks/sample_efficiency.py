@@ -573,8 +573,10 @@ def is_adaptive(runs: list[Any]) -> bool:
 
 
 def weights_of(run: Any) -> tuple[Any, Any]:
-    """The run's steps and its mixture weights per step and domain (``weight/<domain>`` columns)."""
+    """The run's training steps and its mixture weights per step and domain (``weight/<domain>`` columns);
+    the step-0 row (the untrained model's evaluation, no mixture yet) is left out."""
     led = run.ledger
+    led = led[led["step"] > 0]
     return led["step"].to_numpy(int), led[[f"weight/{d}" for d in run.domain_names]].to_numpy(float)
 
 
@@ -730,11 +732,11 @@ def concentration_table(comparison: Any) -> tuple[list[str], list[list[str]]]:
         if not is_adaptive(runs):
             continue
         for r in runs:
-            led, names = r.ledger, r.domain_names
-            weights_TK = weights_of(r)[1]
+            led, names = r.ledger[r.ledger["step"] > 0], r.domain_names  # training steps only
+            steps_T, weights_TK = weights_of(r)
             late_K = weights_TK[-max(1, len(led) // 4) :].mean(axis=0)
             over_T = weights_TK.max(axis=1) > 0.5
-            first = str(int(led["step"].iloc[int(over_T.argmax())])) if over_T.any() else "never"
+            first = str(int(steps_T[int(over_T.argmax())])) if over_T.any() else "never"
             half = led.iloc[len(led) // 2 :]
             present_T = (half[[f"microbatches/{d}" for d in names]] > 0).sum(axis=1)
             scores = [f"score/{d}" for d in names if f"score/{d}" in half]
