@@ -40,7 +40,6 @@ from ray_jobs.rundir import owns_run_dir
 log = logging.getLogger(__name__)
 
 
-
 # --------------------------------------------------------------------------------------------- the loop
 @dataclass
 class LoopHooks:
